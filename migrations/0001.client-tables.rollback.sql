@@ -1,0 +1,2 @@
+DROP TABLE client_messages;
+DROP TABLE client_sessions;

@@ -1,0 +1,2 @@
+DROP TABLE persistence_session_results;
+DROP TABLE persistence_snapshots;

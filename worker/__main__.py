@@ -1,0 +1,5 @@
+"""`python -m worker` is `dnd-client`."""
+
+from worker.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `dnd-client` command line (CONTRACT §4)."""

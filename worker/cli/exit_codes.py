@@ -1,0 +1,23 @@
+"""Exit statuses of `dnd-client`, by name (also listed in the README)."""
+
+OK = 0
+# An unexpected error; also `verify` finding differences (like diff(1)).
+FAILURE = 1
+# A bad argument or option (click's own usage errors exit 2 as well).
+USAGE = 2
+# The run finished, but some records could not be stored and were kept aside.
+PARTIAL = 3
+# The run failed: some sessions could not be backed up or restored.
+RUN_FAILED = 4
+# A server (PostgreSQL, Redis, the broker) cannot be reached.
+UNAVAILABLE = 5
+# No Celery worker is consuming the queues the work would go to.
+NO_WORKERS = 6
+# A setting (environment variable) is malformed.
+CONFIG = 7
+# The database schema is missing or out of date: run `dnd-client migrate up`.
+SCHEMA = 8
+# Waiting for a run took longer than --timeout; the run goes on without us.
+TIMEOUT = 9
+# Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130

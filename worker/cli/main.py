@@ -1,0 +1,131 @@
+"""Entry point of `dnd-client`: the command group and the one place errors are printed.
+
+Every error ends here as one line on stderr (no traceback, no password) and a
+named exit status (worker.cli.exit_codes). Set DND_DEBUG=1 to get tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+import click
+
+from worker.cli import exit_codes
+from worker.cli.kept_cmd import kept
+from worker.cli.migrate_cmd import migrate
+from worker.cli.runs_cmd import backup, restore
+from worker.errors import (
+    ConfigError,
+    DndError,
+    InvalidArgument,
+    LockTimeout,
+    NoWorkers,
+    SchemaNotReady,
+    ServiceUnavailable,
+)
+
+PROG = "dnd-client"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dnd-client-worker", prog_name=PROG)
+def cli() -> None:
+    """Back up the chat client's live sessions from Redis into PostgreSQL, and restore them.
+
+    Settings come from the environment: REDIS_URL, REDIS_KEY_PREFIX, DATABASE_URL
+    (or POSTGRES_HOST/USER/PASSWORD/DBNAME/SSLMODE), CELERY_BROKER_URL,
+    CELERY_RESULT_BACKEND and more; see the README.
+
+    \b
+    Exit status: 0 ok, 1 unexpected error, 2 bad argument, 3 partial (records
+    kept aside), 4 run failed, 5 server unreachable, 6 no worker, 7 bad
+    setting, 8 schema not migrated, 9 timed out waiting, 130 interrupted.
+    """
+
+
+cli.add_command(migrate)
+cli.add_command(backup)
+cli.add_command(restore)
+cli.add_command(kept)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("DND_DEBUG") == "1"
+    try:
+        result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        _error("aborted")
+        return exit_codes.INTERRUPTED
+    except click.UsageError as exc:
+        exc.show()
+        return exit_codes.USAGE
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return exit_codes.INTERRUPTED
+    except DndError as exc:
+        if debug:
+            raise
+        _error(str(exc))
+        return _status_of(exc)
+    except Exception as exc:
+        if debug:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (DND_DEBUG=1 shows the traceback)")
+        return exit_codes.FAILURE
+    return result if isinstance(result, int) else exit_codes.OK
+
+
+def _status_of(exc: DndError) -> int:
+    if isinstance(exc, InvalidArgument):
+        return exit_codes.USAGE
+    if isinstance(exc, ServiceUnavailable):
+        return exit_codes.UNAVAILABLE
+    if isinstance(exc, NoWorkers):
+        return exit_codes.NO_WORKERS
+    if isinstance(exc, ConfigError):
+        return exit_codes.CONFIG
+    if isinstance(exc, SchemaNotReady):
+        return exit_codes.SCHEMA
+    if isinstance(exc, LockTimeout):
+        return exit_codes.RUN_FAILED
+    return exit_codes.FAILURE
+
+
+def _error(message: str) -> None:
+    click.echo(f"{PROG}: error: {_scrub(message)}", file=sys.stderr)
+
+
+def _scrub(message: str) -> str:
+    """Remove every password we know of, whatever produced the message."""
+    from urllib.parse import urlsplit
+
+    secrets = {os.environ.get("POSTGRES_PASSWORD", "")}
+    for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
+                 "FLOWER_BASIC_AUTH"):
+        value = os.environ.get(name, "")
+        if name == "FLOWER_BASIC_AUTH":
+            secrets.update(part.partition(":")[2] for part in value.split(","))
+            continue
+        try:
+            secrets.add(urlsplit(value).password or "")
+        except ValueError:
+            continue
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        if len(secret) >= 3:
+            message = message.replace(secret, "***")
+    return " ".join(message.split())
+
+
+if __name__ == "__main__":
+    main()

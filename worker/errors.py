@@ -1,0 +1,59 @@
+"""The project's own exceptions.
+
+Driver errors (psycopg, redis-py, kombu) are wrapped into these at the store
+boundary, so the engine, the tasks and the CLI only ever handle this small
+hierarchy. Messages never contain passwords: URLs are redacted before they are
+put into an error (see :func:`worker.settings.redact_url`).
+"""
+
+from __future__ import annotations
+
+
+class DndError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(DndError):
+    """A setting (environment variable) is missing or malformed."""
+
+
+class InvalidArgument(DndError):
+    """A caller passed a value we refuse, e.g. a session ID that is not a UUID."""
+
+
+class ServiceUnavailable(DndError):
+    """A server (PostgreSQL, Redis, the broker) cannot be reached.
+
+    ``service`` names the server and ``setting`` the environment variable that
+    points at it, so the CLI can say what to change.
+    """
+
+    def __init__(self, service: str, setting: str, detail: str) -> None:
+        self.service = service
+        self.setting = setting
+        self.detail = detail
+        super().__init__(f"cannot reach {service} ({detail}); check {setting}")
+
+
+class SchemaNotReady(DndError):
+    """The PostgreSQL schema is missing or older than this code needs."""
+
+
+class StoreError(DndError):
+    """A server answered with an error that is not a connection problem."""
+
+
+class LockTimeout(DndError):
+    """Another backup or restore of the same session held it for too long."""
+
+
+class NoWorkers(DndError):
+    """No Celery worker answered; nothing would ever run the work."""
+
+
+class MessageConflict(StoreError):
+    """The fast COPY path met a message ID that is already stored.
+
+    Internal: the backup engine answers it by redoing the batch through the
+    merge path, which handles such IDs one by one.
+    """

@@ -1,0 +1,37 @@
+"""Key names of the application's Redis layout (CONTRACT §1), in one place.
+
+Every key we read or write is built here. A session ID must already have been
+validated as a canonical UUID (:func:`worker.records.parse_session_id`) before
+it reaches these functions: an ID such as ``*`` or ``a:b`` must never become
+part of a key name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str
+
+    @property
+    def sessions(self) -> str:
+        """SET of all session IDs."""
+        return f"{self.prefix}sessions"
+
+    def session(self, session_id: str) -> str:
+        """HASH of one session."""
+        return f"{self.prefix}session:{session_id}"
+
+    def messages(self, session_id: str) -> str:
+        """ZSET of a session's messages (member = JSON, score = created_at ms)."""
+        return f"{self.prefix}session:{session_id}:messages"
+
+    def restore_staging(self, run_id: str, session_id: str) -> str:
+        """Where a restore assembles a session's messages before swapping them in.
+
+        Outside the application's layout (the application never reads it) and
+        given an expiry, so a crashed restore leaves nothing behind for long.
+        """
+        return f"{self.prefix}restore-staging:{run_id}:{session_id}:messages"

@@ -1,0 +1,188 @@
+"""Plain dataclasses the stores and the engine speak in.
+
+Messages travel as tuples in ``MESSAGE_COLUMNS`` order rather than as objects:
+a backup moves millions of them, and building a dataclass per message would
+cost more than writing it to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+# Column order of a message row, used by COPY in and out of client_messages.
+MESSAGE_COLUMNS = ("id", "session_id", "created_at", "role", "content", "tool_calls", "player_id")
+ROLES = ("system", "user", "assistant", "tool")
+
+# (id, session_id, created_at, role, content, tool_calls as JSON text, player_id)
+MessageRow = tuple[str, str, datetime, str, str | None, str | None, str | None]
+
+RunKind = Literal["backup", "restore", "verify"]
+
+
+class SessionStatus(enum.StrEnum):
+    """What happened to one session in one run."""
+
+    COMPLETED = "completed"  # stored (backup) or written to Redis (restore)
+    UNCHANGED = "unchanged"  # backup: nothing changed since the last run
+    PARTIAL = "partial"  # done, but some records were kept aside
+    SKIPPED = "skipped"  # restore: exists in Redis (no --force) or soft-deleted
+    FAILED = "failed"  # an error stopped it; nothing of it was committed
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    PARTIAL = "partial"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    name: str
+    creator_id: str
+    mcp_server_url: str
+    websocket_key: str
+    created_at: datetime
+    updated_at: datetime
+    max_players: int | None = None
+    # The settings object as compact JSON text (it goes to a jsonb column).
+    settings: str | None = None
+    status: str = "active"
+    deleted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeptRecord:
+    """A record from Redis that could not be stored faithfully, kept raw.
+
+    ``raw`` holds the exact bytes: the set member, the zset member, or, for a
+    session hash, a JSON object of its fields (see records.encode_raw_hash).
+    """
+
+    kind: Literal["session_id", "session", "message"]
+    redis_key: str
+    raw: bytes
+    reason: str
+    session_id: str | None = None
+    message_id: str | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """What the last backup of a session saw in Redis.
+
+    A later run compares a cheap probe of Redis against it to decide whether to
+    read the session at all, and which part of its messages to read.
+    """
+
+    session_id: str
+    hash_digest: bytes | None
+    message_count: int
+    max_score: float | None
+
+
+@dataclass(slots=True)
+class SessionResult:
+    session_id: str
+    status: SessionStatus
+    messages: int = 0
+    kept: int = 0
+    duration_ms: int = 0
+    error: str | None = None
+    shard: int | None = None
+    worker: str | None = None
+    finished_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the Celery task result of CONTRACT §3)."""
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionResult:
+        finished = data.get("finished_at")
+        return cls(
+            session_id=data["session_id"],
+            status=SessionStatus(data["status"]),
+            messages=int(data.get("messages", 0)),
+            kept=int(data.get("kept", 0)),
+            duration_ms=int(data.get("duration_ms", 0)),
+            error=data.get("error"),
+            shard=data.get("shard"),
+            worker=data.get("worker"),
+            finished_at=datetime.fromisoformat(finished) if finished else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One backup, restore or verify run: a row of persistence_snapshots."""
+
+    id: str
+    kind: str
+    scope: str
+    status: RunStatus
+    created_at: datetime
+    finished_at: datetime | None
+    session_count: int
+    message_count: int
+    kept_count: int
+    failed_count: int
+    duration_ms: int | None
+    error: str | None
+    forced: bool = False
+    expected_sessions: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.status is not RunStatus.RUNNING
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["created_at"] = self.created_at.isoformat()
+        data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        return data
+
+
+@dataclass(slots=True)
+class RunTotals:
+    """Running totals of a run, as shown in the closing summary."""
+
+    sessions: int = 0
+    messages: int = 0
+    kept: int = 0
+    failed: int = 0
+    skipped: int = 0
+    unchanged: int = 0
+
+    def add(self, result: SessionResult) -> None:
+        self.sessions += 1
+        self.messages += result.messages
+        self.kept += result.kept
+        if result.status is SessionStatus.FAILED:
+            self.failed += 1
+        elif result.status is SessionStatus.SKIPPED:
+            self.skipped += 1
+        elif result.status is SessionStatus.UNCHANGED:
+            self.unchanged += 1
+
+    def add_kept(self, count: int) -> None:
+        """Records kept aside that belong to no session result (bad set members)."""
+        self.kept += count
+
+    @property
+    def status(self) -> RunStatus:
+        if self.failed:
+            return RunStatus.FAILED
+        if self.kept:
+            return RunStatus.PARTIAL
+        return RunStatus.COMPLETED

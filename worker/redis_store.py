@@ -1,0 +1,220 @@
+"""The Redis store: the application's data, in the layout of CONTRACT §1.
+
+It takes a client (``decode_responses=False``: members are kept as the exact
+bytes the application wrote) and the key names, and speaks in bytes, floats and
+the dataclasses of :mod:`worker.models`. Bulk reads go through pipelines; the
+swap that makes a restored session visible is one Lua script, so a reader sees
+the old session or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from worker.connections import redis_errors
+from worker.keys import RedisKeys
+from worker.models import Watermark
+
+# Staging keys of a restore expire if the restore dies before swapping them in.
+STAGING_TTL_S = 3600
+
+# KEYS: session hash, messages zset, staging zset, sessions set
+# ARGV: force ("1"/"0"), session id, expected staged members, field, value, ...
+# Returns 1 when swapped in, 0 when the session exists and force is off, -1
+# when the staging key is not complete (expired, or a concurrent restore).
+# Every check comes before the first write: a script that fails half-way
+# keeps what it already wrote.
+_COMMIT_SESSION = """
+if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+    redis.call('DEL', KEYS[3])
+    return 0
+end
+local expected = tonumber(ARGV[3])
+if expected > 0 and redis.call('ZCARD', KEYS[3]) ~= expected then
+    redis.call('DEL', KEYS[3])
+    return -1
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if expected > 0 then
+    redis.call('RENAME', KEYS[3], KEYS[2])
+    redis.call('PERSIST', KEYS[2])
+else
+    redis.call('DEL', KEYS[2])
+end
+redis.call('SADD', KEYS[4], ARGV[2])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A cheap look at one session: enough to tell whether a backup must read it."""
+
+    session_id: str
+    fields: dict[bytes, bytes]  # the session hash; empty when there is none
+    listed: bool  # a member of the sessions set
+    message_count: int  # ZCARD of the messages zset
+    # ZCOUNT of members scored up to the watermark's max_score, when there is one.
+    count_to_watermark: int | None
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.fields) or self.listed or self.message_count > 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCommit:
+    """A restored session, ready to be swapped in."""
+
+    session_id: str
+    fields: Mapping[str, str]
+    staged_members: int
+
+
+class RedisStore:
+    def __init__(self, client: redis.Redis, keys: RedisKeys, url: str) -> None:
+        self.client = client
+        self.keys = keys
+        self._url = url
+        self._commit = client.register_script(_COMMIT_SESSION)
+
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        """Translate driver errors raised in the block (for callers' own loops)."""
+        return redis_errors(self._url)
+
+    def ping(self) -> None:
+        with redis_errors(self._url):
+            self.client.ping()
+
+    # -- listing ------------------------------------------------------------
+
+    def session_members(self, page_size: int = 5000) -> Iterator[bytes]:
+        """Every member of the sessions set, raw (SSCAN: never one huge reply).
+
+        SSCAN may return a member twice; callers de-duplicate.
+        """
+        with redis_errors(self._url):
+            yield from self.client.sscan_iter(self.keys.sessions, count=page_size)
+
+    # -- backup -------------------------------------------------------------
+
+    def probe(
+        self, session_ids: Sequence[str], watermarks: Mapping[str, Watermark]
+    ) -> dict[str, Probe]:
+        """Probe many sessions in one round trip."""
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in session_ids:
+                messages_key = self.keys.messages(session_id)
+                pipe.sismember(self.keys.sessions, session_id)
+                pipe.hgetall(self.keys.session(session_id))
+                pipe.zcard(messages_key)
+                mark = watermarks.get(session_id)
+                if mark is not None and mark.max_score is not None:
+                    pipe.zcount(messages_key, "-inf", repr(mark.max_score))
+            replies = iter(pipe.execute())
+        probes = {}
+        for session_id in session_ids:
+            listed, fields, count = next(replies), next(replies), next(replies)
+            mark = watermarks.get(session_id)
+            to_mark = None
+            if mark is not None:
+                to_mark = next(replies) if mark.max_score is not None else 0
+            probes[session_id] = Probe(
+                session_id=session_id,
+                fields=fields,
+                listed=bool(listed),
+                message_count=int(count),
+                count_to_watermark=None if to_mark is None else int(to_mark),
+            )
+        return probes
+
+    def read_messages(
+        self, session_id: str, after_score: float | None, chunk: int
+    ) -> Iterator[list[tuple[bytes, float]]]:
+        """A session's messages in score order, ``chunk`` at a time, each member once.
+
+        Pages by score, not by index: a message added or removed while we read
+        cannot shift the pages and make us skip one. When a page ends, all the
+        members sharing its last score are fetched in the same round trip as the
+        next page, which starts strictly after that score. ``after_score``
+        (exclusive) reads only messages newer than a watermark.
+        """
+        key = self.keys.messages(session_id)
+        low = "-inf" if after_score is None else f"({after_score!r}"
+        with redis_errors(self._url):
+            page: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
+                key, low, "+inf", start=0, num=chunk, withscores=True
+            )
+        while page:
+            if len(page) < chunk:
+                yield page
+                return
+            last = page[-1][1]
+            with redis_errors(self._url):
+                pipe = self.client.pipeline(transaction=False)
+                pipe.zrangebyscore(key, repr(last), repr(last), withscores=True)
+                pipe.zrangebyscore(key, f"({last!r}", "+inf", start=0, num=chunk, withscores=True)
+                group, next_page = pipe.execute()
+            have = {member for member, score in page if score == last}
+            page.extend((member, score) for member, score in group if member not in have)
+            yield page
+            page = next_page
+
+    # -- restore ------------------------------------------------------------
+
+    def existing(self, session_ids: Sequence[str]) -> set[str]:
+        """The sessions that have a hash or messages in Redis."""
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in session_ids:
+                pipe.exists(self.keys.session(session_id), self.keys.messages(session_id))
+            replies = pipe.execute()
+        return {sid for sid, count in zip(session_ids, replies, strict=True) if count}
+
+    def stage(self, run_id: str, members: Mapping[str, Mapping[bytes, int]]) -> None:
+        """Add members to the staging zsets of several sessions, in one round trip."""
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for session_id, scored in members.items():
+                if scored:
+                    key = self.keys.restore_staging(run_id, session_id)
+                    pipe.zadd(key, scored)
+                    pipe.expire(key, STAGING_TTL_S)
+            pipe.execute()
+
+    def commit(self, run_id: str, commits: Sequence[SessionCommit], *, force: bool) -> list[int]:
+        """Swap staged sessions in, each atomically; one round trip for all.
+
+        Returns the script's answer per session (1 swapped in, 0 exists, -1 the
+        staging key was incomplete).
+        """
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for commit in commits:
+                sid = commit.session_id
+                args: list[str | int] = ["1" if force else "0", sid, commit.staged_members]
+                for name, value in commit.fields.items():
+                    args += [name, value]
+                self._commit(
+                    keys=[
+                        self.keys.session(sid),
+                        self.keys.messages(sid),
+                        self.keys.restore_staging(run_id, sid),
+                        self.keys.sessions,
+                    ],
+                    args=args,
+                    client=pipe,
+                )
+            return [int(answer) for answer in pipe.execute()]
+
+    def discard_staging(self, run_id: str, session_ids: Sequence[str]) -> None:
+        if not session_ids:
+            return
+        with redis_errors(self._url):
+            self.client.delete(*(self.keys.restore_staging(run_id, sid) for sid in session_ids))

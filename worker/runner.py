@@ -1,0 +1,121 @@
+"""Whole runs in this process (`--local`): list, batch, record, finish.
+
+The Celery tasks (worker.tasks) do the same steps spread over workers; both
+leave the same records: a persistence_snapshots row that is `running` from the
+start, per-session results as batches finish, and totals at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from worker.errors import DndError
+from worker.models import Run, SessionResult
+from worker.services import Services
+
+
+class Progress(Protocol):
+    def start(self, run: Run, total: int) -> None: ...
+
+    def advance(self, results: Sequence[SessionResult]) -> None: ...
+
+
+class NoProgress:
+    def start(self, run: Run, total: int) -> None:
+        pass
+
+    def advance(self, results: Sequence[SessionResult]) -> None:
+        pass
+
+
+def chunked(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def backup_run(
+    services: Services,
+    *,
+    session_id: str | None = None,
+    full: bool = False,
+    progress: Progress | None = None,
+    details: dict[str, Any] | None = None,
+) -> Run:
+    """Back up one session (``session_id``) or every session in the sessions set."""
+    progress = progress or NoProgress()
+    pg = services.pg
+    engine = services.backup_engine()
+    info = {"mode": "local", "full": full, **(details or {})}
+    if session_id is not None:
+        run = pg.start_run("backup", "session", expected_sessions=1,
+                           details={**info, "session_id": session_id})
+        batches: Iterator[list[str]] = iter([[session_id]])
+        total = 1
+    else:
+        ids, bad = engine.list_sessions()
+        run = pg.start_run("backup", "all", expected_sessions=len(ids), kept=len(bad),
+                           details=info)
+        pg.keep_records(bad, run.id)
+        batches = chunked(ids, services.settings.batch_sessions)
+        total = len(ids)
+    progress.start(run, total)
+    with _finish_on_error(services, run):
+        for batch in batches:
+            progress.advance(
+                engine.backup_batch(run.id, batch, full=full, explicit=session_id is not None)
+            )
+    return pg.finish_run(run.id)
+
+
+def restore_run(
+    services: Services,
+    *,
+    session_id: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    details: dict[str, Any] | None = None,
+) -> Run:
+    """Restore one session or every live (not soft-deleted) session in PostgreSQL."""
+    progress = progress or NoProgress()
+    pg = services.pg
+    engine = services.restore_engine()
+    info = {"mode": "local", **(details or {})}
+    if session_id is not None:
+        run = pg.start_run("restore", "session", forced=force, expected_sessions=1,
+                           details={**info, "session_id": session_id})
+        ids = [session_id]
+    else:
+        _live, deleted = pg.count_sessions()
+        ids = [sid for page in pg.live_session_ids() for sid in page]
+        run = pg.start_run("restore", "all", forced=force, expected_sessions=len(ids),
+                           details={**info, "soft_deleted_not_restored": deleted})
+    progress.start(run, len(ids))
+    with _finish_on_error(services, run):
+        for batch in chunked(ids, services.settings.batch_sessions):
+            progress.advance(
+                engine.restore_batch(run.id, batch, force=force, explicit=session_id is not None)
+            )
+    return pg.finish_run(run.id)
+
+
+class _finish_on_error:  # noqa: N801 - used as a context manager, reads like one
+    """Mark the run failed if the block raises (a server went away, Ctrl-C)."""
+
+    def __init__(self, services: Services, run: Run) -> None:
+        self.services = services
+        self.run = run
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc is None:
+            return
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        # If PostgreSQL itself is what failed, the run stays `running` until
+        # the stale-run sweep marks it failed.
+        with contextlib.suppress(DndError):
+            self.services.pg.finish_run(self.run.id, error=reason)

@@ -1,0 +1,290 @@
+-- Every query the PostgreSQL store runs, as named blocks: a line "-- name: x"
+-- starts the query named x (loaded by worker/sql/__init__.py). Parameters are
+-- psycopg's %(name)s placeholders; nothing is ever spliced in as text.
+
+-- name: lock_sessions
+-- Serialises every backup and restore of the same session, across processes
+-- and hosts: they all share this database. Transaction-scoped, so a crashed
+-- worker's locks go with its connection. Taken in key order: two batches that
+-- share sessions can never deadlock.
+SELECT pg_advisory_xact_lock(1684956267, key)
+FROM (SELECT DISTINCT hashtext(id) AS key FROM unnest(%(ids)s::text[]) AS id) AS keys
+ORDER BY key;
+
+-- name: watermarks
+SELECT session_id::text, hash_digest, message_count, max_score
+FROM backup_watermarks
+WHERE session_id = ANY(%(ids)s::uuid[]);
+
+-- name: upsert_session
+INSERT INTO client_sessions (
+    id, created_at, updated_at, deleted_at, name, creator_id, mcp_server_url,
+    websocket_key, max_players, settings, status, backed_up_at
+) VALUES (
+    %(id)s, %(created_at)s, %(updated_at)s, %(deleted_at)s, %(name)s, %(creator_id)s,
+    %(mcp_server_url)s, %(websocket_key)s, %(max_players)s, %(settings)s::jsonb, %(status)s, now()
+)
+ON CONFLICT (id) DO UPDATE SET
+    created_at = EXCLUDED.created_at,
+    updated_at = EXCLUDED.updated_at,
+    deleted_at = EXCLUDED.deleted_at,
+    name = EXCLUDED.name,
+    creator_id = EXCLUDED.creator_id,
+    mcp_server_url = EXCLUDED.mcp_server_url,
+    websocket_key = EXCLUDED.websocket_key,
+    max_players = EXCLUDED.max_players,
+    settings = EXCLUDED.settings,
+    status = EXCLUDED.status,
+    backed_up_at = now();
+
+-- name: copy_messages
+COPY client_messages (id, session_id, created_at, role, content, tool_calls, player_id)
+FROM STDIN;
+
+-- name: create_merge_tables
+-- Per-connection scratch tables for the merge path (see PostgresStore.merge_chunk).
+CREATE TEMPORARY TABLE IF NOT EXISTS merge_staging (
+    id uuid NOT NULL,
+    session_id uuid NOT NULL,
+    created_at timestamptz NOT NULL,
+    role text NOT NULL,
+    content text,
+    tool_calls jsonb,
+    player_id text
+) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS merge_seen (id uuid PRIMARY KEY) ON COMMIT DELETE ROWS;
+
+-- name: reset_merge_seen
+TRUNCATE merge_seen;
+
+-- name: copy_merge_staging
+COPY merge_staging (id, session_id, created_at, role, content, tool_calls, player_id)
+FROM STDIN;
+
+-- name: merge_rejects
+-- Rows of the chunk that must not be merged: an ID already read earlier in this
+-- session's scan ('duplicate'), or an ID that belongs to another session (its ID).
+WITH fresh AS (
+    INSERT INTO merge_seen (id)
+    SELECT id FROM merge_staging
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+SELECT s.id::text,
+       CASE WHEN f.id IS NULL THEN 'duplicate' ELSE m.session_id::text END
+FROM merge_staging s
+LEFT JOIN fresh f ON f.id = s.id
+LEFT JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id
+WHERE f.id IS NULL OR m.id IS NOT NULL;
+
+-- name: drop_merge_rejects
+DELETE FROM merge_staging WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: merge_messages
+-- New messages are inserted; a message whose content changed in Redis (an
+-- edit) is updated; an identical one is left alone, so rowcount counts exactly
+-- the messages this run stored.
+INSERT INTO client_messages (id, session_id, created_at, role, content, tool_calls, player_id)
+SELECT id, session_id, created_at, role, content, tool_calls, player_id FROM merge_staging
+ON CONFLICT (id) DO UPDATE SET
+    created_at = EXCLUDED.created_at,
+    role = EXCLUDED.role,
+    content = EXCLUDED.content,
+    tool_calls = EXCLUDED.tool_calls,
+    player_id = EXCLUDED.player_id
+WHERE client_messages.session_id = EXCLUDED.session_id
+  AND (client_messages.created_at, client_messages.role, client_messages.content,
+       client_messages.tool_calls, client_messages.player_id)
+      IS DISTINCT FROM
+      (EXCLUDED.created_at, EXCLUDED.role, EXCLUDED.content,
+       EXCLUDED.tool_calls, EXCLUDED.player_id);
+
+-- name: clear_merge_staging
+TRUNCATE merge_staging;
+
+-- name: save_watermark
+INSERT INTO backup_watermarks (session_id, hash_digest, message_count, max_score, snapshot_id)
+VALUES (%(session_id)s, %(hash_digest)s, %(message_count)s, %(max_score)s, %(snapshot_id)s)
+ON CONFLICT (session_id) DO UPDATE SET
+    hash_digest = EXCLUDED.hash_digest,
+    message_count = EXCLUDED.message_count,
+    max_score = EXCLUDED.max_score,
+    snapshot_id = EXCLUDED.snapshot_id,
+    updated_at = now();
+
+-- name: keep_record
+INSERT INTO persistence_kept_records (
+    kind, redis_key, session_id, message_id, score, reason, raw, raw_sha256, preview,
+    first_snapshot_id, last_snapshot_id
+) VALUES (
+    %(kind)s, %(redis_key)s, %(session_id)s, %(message_id)s, %(score)s, %(reason)s, %(raw)s,
+    sha256(%(raw)s), %(preview)s, %(snapshot_id)s, %(snapshot_id)s
+)
+ON CONFLICT (redis_key, raw_sha256) DO UPDATE SET
+    reason = EXCLUDED.reason,
+    last_snapshot_id = EXCLUDED.last_snapshot_id,
+    last_seen_at = now(),
+    times_seen = persistence_kept_records.times_seen + 1;
+
+-- name: list_kept_records
+SELECT id, kind, redis_key, session_id, message_id, score, reason, preview,
+       first_snapshot_id::text, last_snapshot_id::text, first_seen_at, last_seen_at,
+       times_seen, resolved_at
+FROM persistence_kept_records
+WHERE (%(include_resolved)s OR resolved_at IS NULL)
+  AND (%(snapshot_id)s::uuid IS NULL OR last_snapshot_id = %(snapshot_id)s::uuid)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: resolve_kept_records
+UPDATE persistence_kept_records SET resolved_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND resolved_at IS NULL;
+
+-- name: sessions
+SELECT id::text, name, creator_id, mcp_server_url, websocket_key, created_at, updated_at,
+       max_players, settings::text, status, deleted_at
+FROM client_sessions
+WHERE id = ANY(%(ids)s::uuid[]);
+
+-- name: live_session_ids_page
+-- Keyset pagination over the sessions a restore may bring back.
+SELECT id::text FROM client_sessions
+WHERE deleted_at IS NULL AND (%(after)s::uuid IS NULL OR id > %(after)s::uuid)
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: count_sessions
+SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE deleted_at IS NOT NULL)
+FROM client_sessions;
+
+-- name: restore_members
+-- Messages as the zset members a restore writes: compact JSON in the
+-- contract's key order, built by PostgreSQL (which has a core of its own) so
+-- the restoring process only moves bytes. Timestamps are RFC 3339 in UTC; the
+-- score is created_at in epoch milliseconds, rounded down like Go's UnixMilli.
+COPY (
+    SELECT session_id::text,
+           convert_to(
+               '{"id":"' || id::text
+               || '","session_id":"' || session_id::text
+               || '","created_at":"'
+               || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+               || '","role":' || to_json(role)::text
+               || ',"content":' || coalesce(to_json(content)::text, 'null')
+               || ',"tool_calls":' || coalesce(tool_calls::text, 'null')
+               || ',"player_id":' || coalesce(to_json(player_id)::text, 'null')
+               || '}',
+               'UTF8'),
+           floor(extract(epoch FROM created_at) * 1000)::bigint
+    FROM client_messages
+    WHERE session_id = ANY(%(ids)s::uuid[])
+) TO STDOUT (FORMAT BINARY);
+
+-- name: message_counts
+SELECT session_id::text, count(*) FROM client_messages
+WHERE session_id = ANY(%(ids)s::uuid[])
+GROUP BY session_id;
+
+-- name: start_run
+INSERT INTO persistence_snapshots (id, kind, scope, forced, expected_sessions, kept_count, details)
+VALUES (%(id)s, %(kind)s, %(scope)s, %(forced)s, %(expected_sessions)s, %(kept_count)s,
+        %(details)s::jsonb)
+RETURNING id::text, kind, scope, status, created_at, finished_at, session_count,
+          message_count, kept_count, failed_count, duration_ms, error, forced,
+          expected_sessions, details;
+
+-- name: set_run_expected
+UPDATE persistence_snapshots
+SET expected_sessions = %(expected_sessions)s, kept_count = kept_count + %(kept)s
+WHERE id = %(id)s AND status = 'running';
+
+-- name: record_results
+INSERT INTO persistence_session_results (
+    snapshot_id, session_id, status, messages, kept, duration_ms, error, shard, worker, finished_at
+)
+SELECT %(snapshot_id)s, r.session_id, r.status, r.messages, r.kept, r.duration_ms, r.error,
+       r.shard, r.worker, coalesce(r.finished_at, now())
+FROM unnest(%(session_ids)s::uuid[], %(statuses)s::text[], %(messages)s::int[], %(kept)s::int[],
+            %(durations)s::int[], %(errors)s::text[], %(shards)s::int[], %(workers)s::text[],
+            %(finished)s::timestamptz[])
+     AS r (session_id, status, messages, kept, duration_ms, error, shard, worker, finished_at)
+-- A retried task reports again: its latest word replaces the earlier one.
+ON CONFLICT (snapshot_id, session_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    messages = EXCLUDED.messages,
+    kept = EXCLUDED.kept,
+    duration_ms = EXCLUDED.duration_ms,
+    error = EXCLUDED.error,
+    shard = EXCLUDED.shard,
+    worker = EXCLUDED.worker,
+    finished_at = EXCLUDED.finished_at;
+
+-- name: finish_run
+-- Totals come from the per-session results, so the numbers in the snapshot row
+-- always agree with its results, whoever finishes the run. Only a running run
+-- is finished: finishing twice changes nothing.
+WITH totals AS (
+    SELECT count(*) AS sessions,
+           coalesce(sum(messages), 0) AS messages,
+           coalesce(sum(kept), 0) AS kept,
+           count(*) FILTER (WHERE status = 'failed') AS failed
+    FROM persistence_session_results
+    WHERE snapshot_id = %(id)s
+)
+UPDATE persistence_snapshots AS s SET
+    session_count = t.sessions,
+    message_count = t.messages,
+    kept_count = s.kept_count + t.kept,
+    failed_count = t.failed,
+    finished_at = now(),
+    duration_ms = (extract(epoch FROM now() - s.created_at) * 1000)::bigint,
+    error = coalesce(%(error)s::text,
+                     CASE WHEN s.expected_sessions > t.sessions
+                          THEN (s.expected_sessions - t.sessions)::text
+                               || ' of ' || s.expected_sessions::text
+                               || ' sessions have no result' END),
+    status = CASE
+        WHEN %(error)s::text IS NOT NULL OR t.failed > 0 OR s.expected_sessions > t.sessions
+            THEN 'failed'
+        WHEN s.kept_count + t.kept > 0 THEN 'partial'
+        ELSE 'completed'
+    END
+FROM totals AS t
+WHERE s.id = %(id)s AND s.status = 'running'
+RETURNING s.id::text, s.kind, s.scope, s.status, s.created_at, s.finished_at, s.session_count,
+          s.message_count, s.kept_count, s.failed_count, s.duration_ms, s.error, s.forced,
+          s.expected_sessions, s.details;
+
+-- name: get_run
+SELECT id::text, kind, scope, status, created_at, finished_at, session_count, message_count,
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+FROM persistence_snapshots
+WHERE id = %(id)s;
+
+-- name: list_runs
+SELECT id::text, kind, scope, status, created_at, finished_at, session_count, message_count,
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+FROM persistence_snapshots
+WHERE (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: run_progress
+-- What a waiting CLI shows: how many sessions of the run have reported so far.
+SELECT count(*), coalesce(sum(messages), 0), coalesce(sum(kept), 0),
+       count(*) FILTER (WHERE status = 'failed')
+FROM persistence_session_results
+WHERE snapshot_id = %(id)s;
+
+-- name: run_results
+SELECT session_id::text, status, messages, kept, duration_ms, error, shard, worker, finished_at
+FROM persistence_session_results
+WHERE snapshot_id = %(id)s
+ORDER BY finished_at, session_id;
+
+-- name: get_kept_record
+SELECT id, kind, redis_key, session_id, message_id, score, reason, raw, preview,
+       first_snapshot_id::text, last_snapshot_id::text, first_seen_at, last_seen_at,
+       times_seen, resolved_at
+FROM persistence_kept_records
+WHERE id = %(id)s;
