@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from worker.errors import DndError, MessageConflict, ServiceUnavailable
+from worker.errors import DndError, MessageConflict, TransientError
 from worker.keys import RedisKeys
 from worker.models import KeptRecord, Session, SessionResult, SessionStatus, Watermark
 from worker.pg_store import MessageCopy, PostgresStore
@@ -133,8 +133,9 @@ class BackupEngine:
         in Redis is a failure; in a run over the sessions set it merely vanished
         since the listing, and is skipped. ``full`` rescans every message.
 
-        A server that cannot be reached raises ServiceUnavailable (callers retry
-        or stop); any other failure fails the batch's sessions, is recorded, and
+        A failure worth retrying (TransientError: a server that cannot be
+        reached, a session lock held too long) is raised, so that callers retry
+        or stop; any other failure fails the batch's sessions, is recorded, and
         returns.
         """
         ids = sorted(set(session_ids))
@@ -144,7 +145,7 @@ class BackupEngine:
                 works = self._attempt(run_id, ids, full=full, explicit=explicit, safe=False)
             except MessageConflict:
                 works = self._attempt(run_id, ids, full=full, explicit=explicit, safe=True)
-        except ServiceUnavailable:
+        except TransientError:
             raise
         except DndError as exc:
             failed = self._failed_results(ids, str(exc), time.monotonic() - started)
@@ -203,6 +204,9 @@ class BackupEngine:
         work.digest = mark.hash_digest if mark else None
         session_row_exists = mark is not None
 
+        if probe.error is not None:
+            work.failed = f"cannot read session {sid} from Redis: {probe.error}"
+            return work
         if not probe.fields:
             if not probe.exists:
                 if explicit:

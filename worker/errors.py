@@ -21,7 +21,11 @@ class InvalidArgument(DndError):
     """A caller passed a value we refuse, e.g. a session ID that is not a UUID."""
 
 
-class ServiceUnavailable(DndError):
+class TransientError(DndError):
+    """Worth retrying later: the same work may well succeed then."""
+
+
+class ServiceUnavailable(TransientError):
     """A server (PostgreSQL, Redis, the broker) cannot be reached.
 
     ``service`` names the server and ``setting`` the environment variable that
@@ -43,7 +47,7 @@ class StoreError(DndError):
     """A server answered with an error that is not a connection problem."""
 
 
-class LockTimeout(DndError):
+class LockTimeout(TransientError):
     """Another backup or restore of the same session held it for too long."""
 
 
@@ -57,3 +61,23 @@ class MessageConflict(StoreError):
     Internal: the backup engine answers it by redoing the batch through the
     merge path, which handles such IDs one by one.
     """
+
+
+class RunInProgress(DndError):
+    """A full run of this kind is already running (at most one at a time)."""
+
+    def __init__(self, kind: str, run_id: str) -> None:
+        self.kind = kind
+        self.run_id = run_id
+        super().__init__(f"a full {kind} is already running: run {run_id}")
+
+
+class WaitTimeout(DndError):
+    """The CLI stopped waiting for a run; the run itself goes on."""
+
+    def __init__(self, run_id: str, seconds: float) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"stopped waiting after {seconds:g} s; run {run_id} goes on "
+            f"(follow it: dnd-client backup show {run_id})"
+        )

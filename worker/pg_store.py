@@ -20,7 +20,7 @@ import psycopg.errors
 from psycopg import sql
 
 from worker.connections import one_line, postgres_errors
-from worker.errors import MessageConflict
+from worker.errors import MessageConflict, RunInProgress
 from worker.models import (
     KeptRecord,
     MessageRow,
@@ -110,12 +110,20 @@ class PostgresStore:
 
     @contextlib.contextmanager
     def transaction(self, *, read_only: bool = False) -> Iterator[None]:
-        with postgres_errors(self.settings), self.conn.transaction():
-            if read_only:
-                # One snapshot for the whole restore batch: the sessions and the
-                # messages it writes to Redis are from the same instant.
-                self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield
+        try:
+            with postgres_errors(self.settings), self.conn.transaction():
+                if read_only:
+                    # Read committed, not repeatable read: that snapshot would be
+                    # taken by the statement that waits for the session locks,
+                    # before the backup holding them commits. The locks, taken
+                    # before the first read, keep the batch's sessions unchanged.
+                    self.conn.execute("SET TRANSACTION READ ONLY")
+                yield
+        except BaseException:
+            # A rolled-back transaction takes the temporary merge tables it
+            # created with it: create them again (IF NOT EXISTS) on next use.
+            self._merge_tables_ready = False
+            raise
 
     def ping(self) -> None:
         with postgres_errors(self.settings):
@@ -189,6 +197,9 @@ class PostgresStore:
                 cur.execute(QUERIES["drop_merge_rejects"], {"ids": list(rejected)})
             cur.execute(QUERIES["merge_messages"])
             stored = cur.rowcount
+            # Another session's backup may have committed one of these IDs after
+            # merge_rejects looked; ON CONFLICT then skipped the row: reject it too.
+            rejected.update(cur.execute(QUERIES["merge_late_rejects"]).fetchall())
             cur.execute(QUERIES["clear_merge_staging"])
         return MergeOutcome(stored, rejected)
 
@@ -322,8 +333,31 @@ class PostgresStore:
         kept: int = 0,
         details: dict[str, Any] | None = None,
     ) -> Run:
+        """Insert a `running` run row (see ensure_run); returns it."""
+        run, _created = self.ensure_run(
+            kind, scope, run_id=run_id or str(uuid.uuid4()), forced=forced,
+            expected_sessions=expected_sessions, kept=kept, details=details,
+        )
+        return run
+
+    def ensure_run(
+        self,
+        kind: str,
+        scope: str,
+        *,
+        run_id: str,
+        forced: bool = False,
+        expected_sessions: int | None = None,
+        kept: int = 0,
+        details: dict[str, Any] | None = None,
+    ) -> tuple[Run, bool]:
+        """The run ``run_id``, inserted `running` unless it exists: (run, created).
+
+        Raises RunInProgress when this is a full run and another full run of
+        the same kind is running (a unique index guarantees at most one).
+        """
         params = {
-            "id": run_id or str(uuid.uuid4()),
+            "id": run_id,
             "kind": kind,
             "scope": scope,
             "forced": forced,
@@ -332,9 +366,26 @@ class PostgresStore:
             "details": json.dumps(details or {}),
         }
         with postgres_errors(self.settings):
-            row = self.conn.execute(QUERIES["start_run"], params).fetchone()
-        assert row is not None
-        return _run(row)
+            try:
+                row = self.conn.execute(QUERIES["start_run"], params).fetchone()
+            except psycopg.errors.UniqueViolation:
+                running = self.conn.execute(QUERIES["running_full_run"], {"kind": kind}).fetchone()
+                raise RunInProgress(kind, running[0] if running else "?") from None
+        if row is not None:
+            return _run(row), True
+        existing = self.get_run(run_id)
+        assert existing is not None
+        return existing, False
+
+    def mark_run_dispatched(self, run_id: str) -> None:
+        with postgres_errors(self.settings):
+            self.conn.execute(QUERIES["mark_run_dispatched"], {"id": run_id})
+
+    def stale_runs(self, seconds: int) -> list[str]:
+        """Running runs with no sign of life for ``seconds``."""
+        with postgres_errors(self.settings):
+            rows = self.conn.execute(QUERIES["stale_runs"], {"seconds": seconds}).fetchall()
+        return [row[0] for row in rows]
 
     def set_run_expected(self, run_id: str, expected_sessions: int, kept: int = 0) -> None:
         with postgres_errors(self.settings):

@@ -26,15 +26,23 @@ _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 _UUID_ANY_CASE_RE = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 # RFC 3339 date-time, plus what real writers send: a space instead of "T", no
 # offset (= UTC), an offset without a colon, and any number of fraction digits.
+# ASCII: \d would also match other scripts' digits, which int() reads happily.
 _TIMESTAMP_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?"
-    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?",
+    re.ASCII,
 )
 # The shape nearly every writer sends, which datetime.fromisoformat parses in C.
-# Anything else (nanoseconds, a space, "+0800", lower-case "z") takes the slow path.
+# Anything else (nanoseconds, a space, "+0800", lower-case "z") takes the slow path,
+# and so do offset minutes of 60 or more (fromisoformat reads "+08:60" as +09:00).
 _COMMON_TIMESTAMP_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})?"
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-]\d{2}:[0-5]\d)?",
+    re.ASCII,
 )
+# A "\u0000" escape in compact JSON text, but not an escaped backslash followed
+# by the text "u0000" (an odd number of backslashes before the "u").
+_JSON_NUL_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_MAX_PLAYERS_RE = re.compile(r"-?\d{1,10}", re.ASCII)
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 MESSAGE_KEYS = frozenset(
     {"id", "session_id", "created_at", "role", "content", "tool_calls", "player_id"}
@@ -154,19 +162,20 @@ def parse_timestamp(text: object, what: str = "timestamp") -> datetime:
         )
     except ValueError as exc:
         raise RecordRejected(f"{what} is not a valid date/time: {_clip(text)!r} ({exc})") from None
-    if carry:
-        value += timedelta(seconds=1)
-    if tz is not UTC:
-        try:
+    try:
+        if carry:
+            value += timedelta(seconds=1)
+        if tz is not UTC:
             value = value.astimezone(UTC)
-        except OverflowError:
-            raise RecordRejected(f"{what} is out of range: {_clip(text)!r}") from None
+    except OverflowError:
+        raise RecordRejected(f"{what} is out of range: {_clip(text)!r}") from None
     return value
 
 
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with microseconds, the form restores write back."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Not strftime: its %Y does not zero-pad years before 1000 on glibc.
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def epoch_ms(value: datetime) -> int:
@@ -211,7 +220,7 @@ def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
                              f"but is stored under session {session_id}")
     created_at = parse_timestamp(obj.get("created_at"), "message created_at")
     role = obj.get("role")
-    if role not in _ROLES or type(role) is not str:
+    if type(role) is not str or role not in _ROLES:
         if role is None:
             raise RecordRejected("message has no role")
         raise RecordRejected(f"message role must be one of system, user, assistant, tool "
@@ -235,7 +244,9 @@ def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
     tool_calls_json = None
     if tool_calls is not None:
         tool_calls_json = orjson.dumps(tool_calls).decode()
-        if "\\u0000" in tool_calls_json:
+        if "e+" in tool_calls_json:
+            tool_calls_json = _exact_json(raw, "tool_calls")
+        if "\\u0000" in tool_calls_json and _JSON_NUL_RE.search(tool_calls_json):
             raise RecordRejected("message tool_calls contains a NUL character, which "
                                  "PostgreSQL jsonb cannot hold")
     row = (message_id, session_id, created_at, role, content, tool_calls_json, player_id)
@@ -302,7 +313,7 @@ def parse_session_hash(
     max_players = None
     if text.get("max_players"):
         raw_max = text["max_players"]
-        if not re.fullmatch(r"-?\d{1,10}", raw_max) or not _INT4[0] <= int(raw_max) <= _INT4[1]:
+        if not _MAX_PLAYERS_RE.fullmatch(raw_max) or not _INT4[0] <= int(raw_max) <= _INT4[1]:
             raise RecordRejected(f"session max_players must be an integer (got {_clip(raw_max)!r})")
         max_players = int(raw_max)
     settings_json = None
@@ -315,7 +326,9 @@ def parse_session_hash(
             raise RecordRejected(f"session settings must be a JSON object "
                                  f"(got {_json_type(settings_obj)})")
         settings_json = orjson.dumps(settings_obj).decode()
-        if "\\u0000" in settings_json:
+        if "e+" in settings_json:
+            settings_json = _exact_json(text["settings"])
+        if "\\u0000" in settings_json and _JSON_NUL_RE.search(settings_json):
             raise RecordRejected("session settings contains a NUL character, which "
                                  "PostgreSQL jsonb cannot hold")
     deleted_at = None
@@ -353,7 +366,10 @@ def session_hash(session: Session) -> dict[str, str]:
         fields["max_players"] = str(session.max_players)
     if session.settings is not None:
         # Compact, as the application would write it (jsonb text has spaces).
-        fields["settings"] = orjson.dumps(orjson.loads(session.settings)).decode()
+        settings = orjson.dumps(orjson.loads(session.settings)).decode()
+        if "e+" in settings:
+            settings = _exact_json(session.settings)
+        fields["settings"] = settings
     if session.deleted_at is not None:
         fields["deleted_at"] = format_timestamp(session.deleted_at)
     return fields
@@ -384,6 +400,20 @@ def encode_raw_hash(fields: Mapping[bytes, bytes]) -> bytes:
 
 
 # -- helpers ----------------------------------------------------------------
+
+
+def _exact_json(source: bytes | str, key: str | None = None) -> str:
+    """``source`` (or its ``key``) as compact JSON text, big integers and all.
+
+    orjson reads an integer beyond 64 bits as a float, dropping digits, and writes
+    such a float with an exponent ("1.2345678901234568e+29"); only then is
+    ``source`` read again by the stdlib, which keeps every digit. orjson has
+    already vetted it (UTF-8, lone surrogates, NaN).
+    """
+    value = json.loads(source)
+    if key is not None:
+        value = value[key]
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _bad_id(what: str, value: object) -> str:

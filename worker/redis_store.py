@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.connections import redis_errors
+from worker.connections import one_line, redis_errors
 from worker.keys import RedisKeys
 from worker.models import Watermark
 
@@ -61,6 +61,8 @@ class Probe:
     message_count: int  # ZCARD of the messages zset
     # ZCOUNT of members scored up to the watermark's max_score, when there is one.
     count_to_watermark: int | None
+    # Why the session could not be probed (a key of the wrong type), if it could not.
+    error: str | None = None
 
     @property
     def exists(self) -> bool:
@@ -117,7 +119,8 @@ class RedisStore:
                 mark = watermarks.get(session_id)
                 if mark is not None and mark.max_score is not None:
                     pipe.zcount(messages_key, "-inf", repr(mark.max_score))
-            replies = iter(pipe.execute())
+            # A key of the wrong type (WRONGTYPE) fails its session, not the batch.
+            replies = iter(pipe.execute(raise_on_error=False))
         probes = {}
         for session_id in session_ids:
             listed, fields, count = next(replies), next(replies), next(replies)
@@ -125,6 +128,12 @@ class RedisStore:
             to_mark = None
             if mark is not None:
                 to_mark = next(replies) if mark.max_score is not None else 0
+            errors = [r for r in (listed, fields, count, to_mark)
+                      if isinstance(r, redis.ResponseError)]
+            if errors:
+                probes[session_id] = Probe(session_id, {}, False, 0, None,
+                                           error=one_line(str(errors[0])))
+                continue
             probes[session_id] = Probe(
                 session_id=session_id,
                 fields=fields,

@@ -1,8 +1,8 @@
 """Restore: PostgreSQL -> Redis. Plain Python over the two stores; no Celery here.
 
-A batch of sessions is restored inside one read-only, repeatable-read
-PostgreSQL transaction that holds the sessions' locks (no backup of them runs
-meanwhile):
+A batch of sessions is restored inside one read-only PostgreSQL transaction
+that first takes the sessions' locks (no backup of them runs meanwhile, so what
+it reads of them cannot change under it):
 
 1. read the session rows; a soft-deleted session is never restored, and one
    that exists in Redis is left alone unless ``force``;
@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from worker.errors import DndError, ServiceUnavailable
+from worker.errors import DndError, TransientError
 from worker.models import SessionResult, SessionStatus
 from worker.pg_store import PostgresStore
 from worker.records import session_hash
@@ -59,15 +59,15 @@ class RestoreEngine:
         """Restore sessions (canonical IDs); results are recorded when ``run_id`` is set.
 
         ``explicit``: the IDs were asked for by name, so one missing from
-        PostgreSQL is a failure rather than a skip. A server that cannot be
-        reached raises ServiceUnavailable; other failures fail the batch's
-        sessions, are recorded, and return.
+        PostgreSQL is a failure rather than a skip. A failure worth retrying
+        (TransientError) is raised; other failures fail the batch's sessions,
+        are recorded, and return.
         """
         ids = sorted(set(session_ids))
         started = time.monotonic()
         try:
             results = self._attempt(run_id, ids, force=force, explicit=explicit)
-        except ServiceUnavailable:
+        except TransientError:
             raise
         except DndError as exc:
             results = [

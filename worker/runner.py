@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from worker.errors import DndError
-from worker.models import Run, SessionResult
+from worker.errors import DndError, LockTimeout
+from worker.models import Run, SessionResult, SessionStatus
 from worker.services import Services
 
 
@@ -63,9 +64,12 @@ def backup_run(
     progress.start(run, total)
     with _finish_on_error(services, run):
         for batch in batches:
-            progress.advance(
-                engine.backup_batch(run.id, batch, full=full, explicit=session_id is not None)
-            )
+            try:
+                results = engine.backup_batch(run.id, batch, full=full,
+                                              explicit=session_id is not None)
+            except LockTimeout as exc:
+                results = _failed(services, run.id, batch, str(exc))
+            progress.advance(results)
     return pg.finish_run(run.id)
 
 
@@ -94,10 +98,30 @@ def restore_run(
     progress.start(run, len(ids))
     with _finish_on_error(services, run):
         for batch in chunked(ids, services.settings.batch_sessions):
-            progress.advance(
-                engine.restore_batch(run.id, batch, force=force, explicit=session_id is not None)
-            )
+            try:
+                results = engine.restore_batch(run.id, batch, force=force,
+                                               explicit=session_id is not None)
+            except LockTimeout as exc:
+                results = _failed(services, run.id, batch, str(exc))
+            progress.advance(results)
     return pg.finish_run(run.id)
+
+
+def _failed(
+    services: Services, run_id: str, batch: Sequence[str], error: str
+) -> list[SessionResult]:
+    """A batch that waited too long for its session locks (another run held them).
+
+    The other batches go on; these sessions are failed, and the run with them.
+    """
+    now = datetime.now(UTC)
+    results = [
+        SessionResult(session_id=sid, status=SessionStatus.FAILED, error=error,
+                      shard=services.shard(sid), worker=services.worker_name, finished_at=now)
+        for sid in batch
+    ]
+    services.pg.record_results(run_id, results)
+    return results
 
 
 class _finish_on_error:  # noqa: N801 - used as a context manager, reads like one

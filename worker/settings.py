@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from worker.errors import ConfigError
 
@@ -23,6 +24,8 @@ DEFAULT_KEY_PREFIX = "dnd:"
 DEFAULT_BROKER_URL = "redis://localhost:6379/1"
 DEFAULT_RESULT_BACKEND = "redis://localhost:6379/2"
 DEFAULT_BACKUP_SCHEDULE = "0 * * * *"
+# libpq also takes the password as a URL query parameter: ...?password=secret
+_QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)([^&]*)")
 
 # The original (Go) design's PostgreSQL variables and their defaults.
 POSTGRES_DEFAULTS = {
@@ -34,7 +37,7 @@ POSTGRES_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_key_prefix: str = DEFAULT_KEY_PREFIX
@@ -63,11 +66,29 @@ class Settings:
     prune_schedule: str = ""
     prune_keep_days: int = 30
     backup_shards: int = 8
-    task_soft_time_limit_s: int = 1800
-    task_time_limit_s: int = 2100
-    # A run still `running` after this long was abandoned by a crash.
-    stale_run_after_s: int = 7200
+    # Queue names are f"{queue_prefix}default" and f"{queue_prefix}shard.N".
+    queue_prefix: str = "dnd."
+    # Prefix of every key Celery writes in a Redis broker / result store.
+    celery_key_prefix: str = ""
+    # Both limits stay under RabbitMQ's default consumer_timeout (30 min).
+    task_soft_time_limit_s: int = 1200
+    task_time_limit_s: int = 1500
+    # Longer than the longest task (see worker/celery_config.py).
+    broker_visibility_timeout_s: int = 1800
+    # A run still `running` with no progress for this long was abandoned.
+    stale_run_after_s: int = 3600
     result_expires_s: int = 86_400
+    beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never with a password in them.
+        fields = []
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            fields.append(f"{name}={value!r}")
+        return f"Settings({', '.join(fields)})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -104,11 +125,17 @@ class Settings:
             prune_schedule=env.get("PRUNE_SCHEDULE", "").strip(),
             prune_keep_days=_int(env, "PRUNE_KEEP_DAYS", d.prune_keep_days, 1, 100_000),
             backup_shards=_int(env, "BACKUP_SHARDS", d.backup_shards, 1, 1024),
+            queue_prefix=_name(env, "CELERY_QUEUE_PREFIX", d.queue_prefix),
+            celery_key_prefix=_name(env, "CELERY_KEY_PREFIX", d.celery_key_prefix),
+            broker_visibility_timeout_s=_int(
+                env, "BROKER_VISIBILITY_TIMEOUT", d.broker_visibility_timeout_s, 5, 604_800
+            ),
+            beat_schedule_file=env.get("BEAT_SCHEDULE_FILE", "").strip() or d.beat_schedule_file,
             task_soft_time_limit_s=_int(
                 env, "TASK_SOFT_TIME_LIMIT", d.task_soft_time_limit_s, 1, 604_800
             ),
             task_time_limit_s=_int(env, "TASK_TIME_LIMIT", d.task_time_limit_s, 1, 604_800),
-            stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 60, 604_800),
+            stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 10, 604_800),
             result_expires_s=_int(env, "CELERY_RESULT_EXPIRES", d.result_expires_s, 60, 2_592_000),
         )
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
@@ -116,6 +143,13 @@ class Settings:
                 "TASK_TIME_LIMIT must be greater than TASK_SOFT_TIME_LIMIT "
                 f"({settings.task_time_limit_s} <= {settings.task_soft_time_limit_s})"
             )
+        for name, value in (("BROKER_VISIBILITY_TIMEOUT", settings.broker_visibility_timeout_s),
+                            ("STALE_RUN_AFTER", settings.stale_run_after_s)):
+            if value <= settings.task_time_limit_s:
+                raise ConfigError(
+                    f"{name} ({value} s) must be longer than TASK_TIME_LIMIT "
+                    f"({settings.task_time_limit_s} s), the longest a task may run"
+                )
         return settings
 
 
@@ -129,37 +163,47 @@ def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***``, safe to print or log."""
     try:
         parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         return "<unparseable URL>"
+    query = _QUERY_PASSWORD_RE.sub(r"\1***", parts.query)
     if parts.password is None:
-        return url
+        return url if query == parts.query else urlunsplit(parts._replace(query=query))
     host = parts.hostname or ""
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}", query=query))
 
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every password found in the settings' URLs, for scrubbing free text."""
-    found = []
+    found: list[str] = []
     for url in (settings.redis_url, settings.database_url, settings.broker_url,
                 settings.result_backend):
         try:
-            password = urlsplit(url).password
+            parts = urlsplit(url)
+            written = [parts.password or ""]
         except ValueError:
             continue
-        if password:
-            found.append(password)
+        written += [m.group(2) for m in _QUERY_PASSWORD_RE.finditer(parts.query)]
+        # As written in the URL (percent-encoded) and as the server sees it.
+        for secret in written:
+            for form in (secret, unquote(secret)):
+                if form and form not in found:
+                    found.append(form)
     return found
 
 
 def _database_url(env: Mapping[str, str]) -> tuple[str, str]:
     url = env.get("DATABASE_URL", "").strip()
     if url:
-        scheme = urlsplit(url).scheme
+        try:
+            scheme = urlsplit(url).scheme
+        except ValueError:
+            raise ConfigError("DATABASE_URL is not a valid URL") from None
         if scheme not in ("postgres", "postgresql"):
             raise ConfigError(
                 f"DATABASE_URL must start with postgresql:// (got scheme {scheme!r})"
@@ -205,6 +249,13 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
         raise ConfigError(f"{name} must be an integer (got {raw!r})") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
+    return value
+
+
+def _name(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, default).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:\-]*", value):
+        raise ConfigError(f"{name} may hold only letters, digits and . _ : - (got {value!r})")
     return value
 
 

@@ -19,5 +19,7 @@ CONFIG = 7
 SCHEMA = 8
 # Waiting for a run took longer than --timeout; the run goes on without us.
 TIMEOUT = 9
+# --local full run refused: another full run of the same kind is running.
+BUSY = 10
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130

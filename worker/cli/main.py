@@ -22,8 +22,10 @@ from worker.errors import (
     InvalidArgument,
     LockTimeout,
     NoWorkers,
+    RunInProgress,
     SchemaNotReady,
     ServiceUnavailable,
+    WaitTimeout,
 )
 
 PROG = "dnd-client"
@@ -41,7 +43,8 @@ def cli() -> None:
     \b
     Exit status: 0 ok, 1 unexpected error, 2 bad argument, 3 partial (records
     kept aside), 4 run failed, 5 server unreachable, 6 no worker, 7 bad
-    setting, 8 schema not migrated, 9 timed out waiting, 130 interrupted.
+    setting, 8 schema not migrated, 9 timed out waiting, 10 another full run
+    of this kind is running (--local), 130 interrupted.
     """
 
 
@@ -99,6 +102,10 @@ def _status_of(exc: DndError) -> int:
         return exit_codes.SCHEMA
     if isinstance(exc, LockTimeout):
         return exit_codes.RUN_FAILED
+    if isinstance(exc, WaitTimeout):
+        return exit_codes.TIMEOUT
+    if isinstance(exc, RunInProgress):
+        return exit_codes.BUSY
     return exit_codes.FAILURE
 
 

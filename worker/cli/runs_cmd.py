@@ -167,14 +167,13 @@ def _start(kind: str, *, session_id: str | None, local: bool, no_wait: bool,
     if local:
         if no_wait:
             raise click.UsageError("--no-wait needs the workers; it cannot go with --local")
-        run = _run_local(kind, session_id=session_id, full=full, force=force)
-    else:
-        from worker.cli.dispatch import run_on_workers
+        return _report(_run_local(kind, session_id=session_id, full=full, force=force), out)
+    from worker.cli.dispatch import run_on_workers
 
-        run = run_on_workers(kind, session_id=session_id, full=full, force=force,
-                             no_wait=no_wait, timeout=timeout, out=out)
-        if run is None:  # --no-wait: the run ID was printed
-            return exit_codes.OK
+    run = run_on_workers(kind, session_id=session_id, full=full, force=force,
+                         no_wait=no_wait, timeout=timeout, out=out)
+    if run is None:  # --no-wait: the run ID was printed
+        return exit_codes.OK
     return _report(run, out)
 
 

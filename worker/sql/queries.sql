@@ -99,6 +99,14 @@ WHERE client_messages.session_id = EXCLUDED.session_id
       (EXCLUDED.created_at, EXCLUDED.role, EXCLUDED.content,
        EXCLUDED.tool_calls, EXCLUDED.player_id);
 
+-- name: merge_late_rejects
+-- Rows merge_messages skipped: their ID was committed for another session by a
+-- concurrent backup after merge_rejects looked (the INSERT waited for it, then
+-- its ON CONFLICT ... WHERE left the other session's row alone).
+SELECT s.id::text, m.session_id::text
+FROM merge_staging s
+JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id;
+
 -- name: clear_merge_staging
 TRUNCATE merge_staging;
 
@@ -189,6 +197,8 @@ GROUP BY session_id;
 INSERT INTO persistence_snapshots (id, kind, scope, forced, expected_sessions, kept_count, details)
 VALUES (%(id)s, %(kind)s, %(scope)s, %(forced)s, %(expected_sessions)s, %(kept_count)s,
         %(details)s::jsonb)
+-- A retried task starts "its" run again: the run is already there, keep it.
+ON CONFLICT (id) DO NOTHING
 RETURNING id::text, kind, scope, status, created_at, finished_at, session_count,
           message_count, kept_count, failed_count, duration_ms, error, forced,
           expected_sessions, details;
@@ -287,4 +297,24 @@ SELECT id, kind, redis_key, session_id, message_id, score, reason, raw, preview,
        first_snapshot_id::text, last_snapshot_id::text, first_seen_at, last_seen_at,
        times_seen, resolved_at
 FROM persistence_kept_records
+WHERE id = %(id)s;
+
+-- name: running_full_run
+SELECT id::text FROM persistence_snapshots
+WHERE kind = %(kind)s AND scope = 'all' AND status = 'running';
+
+-- name: stale_runs
+-- Runs still `running` with no sign of life (no per-session result, and not
+-- started) for longer than the given number of seconds.
+SELECT s.id::text
+FROM persistence_snapshots s
+WHERE s.status = 'running'
+  AND greatest(s.created_at,
+               (SELECT max(r.finished_at) FROM persistence_session_results r
+                WHERE r.snapshot_id = s.id))
+      < now() - make_interval(secs => %(seconds)s);
+
+-- name: mark_run_dispatched
+UPDATE persistence_snapshots
+SET details = details || jsonb_build_object('dispatched', true)
 WHERE id = %(id)s;

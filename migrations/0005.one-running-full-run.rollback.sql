@@ -1,0 +1,1 @@
+DROP INDEX persistence_snapshots_one_running_full_run;

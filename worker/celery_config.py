@@ -1,0 +1,209 @@
+"""Celery configuration, built from the settings. Every reliability choice says why.
+
+Kept apart from worker/celery.py so it can be read (and tested) without
+starting anything.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from kombu.entity import Exchange, Queue
+
+from worker.errors import ConfigError
+from worker.settings import Settings
+
+# Tasks whose first argument is a session ID: routed to the session's shard.
+PER_SESSION_TASKS = frozenset({
+    "worker.tasks.backup_session",
+    "worker.tasks.restore_session",
+    "worker.tasks.verify_session",
+})
+# Tasks that carry a `shard` argument (batches of one shard's sessions).
+PER_SHARD_TASKS = frozenset({
+    "worker.tasks.backup_batch",
+    "worker.tasks.restore_batch",
+    "worker.tasks.verify_batch",
+})
+
+
+def default_queue(settings: Settings) -> str:
+    """Coordinators, chord callbacks and housekeeping go here."""
+    return f"{settings.queue_prefix}default"
+
+
+def shard_queue(settings: Settings, shard: int) -> str:
+    return f"{settings.queue_prefix}shard.{shard}"
+
+
+def all_queues(settings: Settings) -> list[str]:
+    return [default_queue(settings)] + [
+        shard_queue(settings, n) for n in range(settings.backup_shards)
+    ]
+
+
+def parse_schedule(text: str, variable: str) -> Any:
+    """A 5-field crontab line or a number of seconds, as a Celery schedule (None: off)."""
+    from celery.schedules import crontab, schedule
+
+    value = text.strip()
+    if value.lower() in ("", "off", "none", "disabled"):
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+        if seconds < 1:
+            raise ConfigError(f"{variable} must be at least 1 second (got {text!r})")
+        return schedule(timedelta(seconds=seconds))
+    fields = value.split()
+    if len(fields) != 5:
+        raise ConfigError(
+            f"{variable} must be a 5-field crontab line like '0 * * * *' or a number of "
+            f"seconds like '3600' (got {text!r})"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    try:
+        return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                       month_of_year=month_of_year, day_of_week=day_of_week)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{variable} is not a valid crontab line ({text!r}): {exc}") from None
+
+
+def schedule_period_s(text: str) -> float | None:
+    """Roughly how often a schedule fires (for expiring stale ticks); None if unknown."""
+    value = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    return None
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    # Each queue has its own direct exchange and routing key: a message for
+    # shard 3 can only ever land in shard 3's queue.
+    queues = [
+        Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
+        for name in all_queues(settings)
+    ]
+    transport_options: dict[str, Any] = {
+        # Redis broker: a task taken but not acknowledged (acks_late) is handed
+        # to another worker after this long. It must exceed the longest task,
+        # or a slow task would run twice at once; and it is how tasks of a
+        # worker killed outright (SIGKILL of the whole worker) come back.
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+        # Look for such abandoned tasks every 30 s (kombu's default is about
+        # every 100 s); the check is one cheap sorted-set query.
+        "unacked_restore_interval": min(30, max(1, settings.broker_visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
+    }
+    result_options: dict[str, Any] = {}
+    if settings.celery_key_prefix:
+        # Several deployments (or test runs) can share one Redis this way.
+        transport_options["global_keyprefix"] = settings.celery_key_prefix
+        result_options["global_keyprefix"] = settings.celery_key_prefix
+
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        # JSON only: a pickle payload from the broker could run arbitrary code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        "task_queues": queues,
+        "task_default_queue": default_queue(settings),
+        "task_default_exchange": default_queue(settings),
+        "task_default_routing_key": default_queue(settings),
+        "task_routes": (route_task,),
+        # Acknowledge a task when it has finished, not when it starts: a task
+        # whose worker dies mid-way is delivered again. Our tasks are
+        # idempotent (upserts, COPY only of what is not stored), so running
+        # one twice is safe; losing one is not.
+        "task_acks_late": True,
+        # ...and when a pool process is killed (SIGKILL, OOM killer), requeue
+        # its task instead of marking it failed.
+        "task_reject_on_worker_lost": True,
+        # A task may run for minutes: a worker reserves one at a time, so the
+        # others stay in the queue for idle workers instead of waiting behind.
+        "worker_prefetch_multiplier": 1,
+        # With late acks the broker redelivers anything unacknowledged when the
+        # connection drops; finishing such tasks would only duplicate work.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": result_options,
+        # Soft limit: SoftTimeLimitExceeded lets the task roll back cleanly;
+        # hard limit: the pool process is killed. Both stay under RabbitMQ's
+        # default consumer_timeout (30 min) so an unacked task is not cut off.
+        # They cannot interrupt a call blocked in libpq (Celery #3878): the
+        # PostgreSQL statement_timeout and lock_timeout cover that.
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        # Results are for callers waiting on them and for chords; the lasting
+        # record is in PostgreSQL. Expire them so Redis does not fill up.
+        "result_expires": settings.result_expires_s,
+        "task_track_started": True,
+        # Flower shows workers and tasks from these events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings),
+        "beat_schedule_filename": settings.beat_schedule_file,
+    }
+    return config
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    from celery.schedules import schedule
+
+    entries: dict[str, Any] = {}
+    backup = parse_schedule(settings.backup_schedule, "BACKUP_SCHEDULE")
+    if backup is not None:
+        period = schedule_period_s(settings.backup_schedule)
+        entries["full-backup"] = {
+            "task": "worker.tasks.full_backup",
+            "schedule": backup,
+            "kwargs": {"trigger": "beat"},
+            # A tick that waited in the queue for a whole period is stale: the
+            # next one is already due, so drop it rather than pile them up.
+            "options": {"expires": period} if period else {},
+        }
+    entries["fail-stale-runs"] = {
+        "task": "worker.tasks.fail_stale_runs",
+        "schedule": schedule(timedelta(seconds=300)),
+        "options": {"expires": 300},
+    }
+    prune = parse_schedule(settings.prune_schedule, "PRUNE_SCHEDULE")
+    if prune is not None:
+        entries["prune-runs"] = {
+            "task": "worker.tasks.prune_runs",
+            "schedule": prune,
+            "kwargs": {"older_than_days": settings.prune_keep_days},
+        }
+    return entries
+
+
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+               **_: Any) -> dict[str, str] | None:
+    """Send every task about a session to its shard's queue (a pure function of its ID)."""
+    from worker.records import parse_session_id
+    from worker.settings import get_settings
+    from worker.sharding import shard_of
+
+    settings = get_settings()
+    if name in PER_SESSION_TASKS:
+        session_id = kwargs.get("session_id") if kwargs else None
+        if session_id is None and args:
+            session_id = args[0]
+        # Refuses anything but a UUID before it is sent anywhere.
+        canonical = parse_session_id(session_id if isinstance(session_id, str) else "")
+        return {"queue": shard_queue(settings, shard_of(canonical, settings.backup_shards))}
+    if name in PER_SHARD_TASKS:
+        shard = kwargs.get("shard") if kwargs else None
+        if shard is None and args and len(args) > 1:
+            shard = args[1]
+        if isinstance(shard, int):
+            return {"queue": shard_queue(settings, shard)}
+    return None

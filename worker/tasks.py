@@ -1,0 +1,266 @@
+"""Celery tasks: thin wrappers over the engine (worker.backup, worker.restore).
+
+Every task is JSON-serialised, idempotent and safe to run twice: backups
+upsert and never store a message twice, restores swap whole sessions in
+atomically, run records are upserted. Connection problems (and waiting too
+long for another run's session lock) are retried with exponential back-off;
+data problems never fail a task: they are kept aside and the run is `partial`.
+
+    from worker.tasks import backup_session
+    backup_session.delay("2f1c0a7e-...")   # routed to the session's shard queue
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from celery import Task, chord
+
+from worker import process
+from worker.celery import app
+from worker.errors import DndError, RunInProgress, TransientError
+from worker.models import SessionResult
+from worker.records import parse_session_id
+from worker.settings import get_settings
+from worker.sharding import shard_of
+
+log = logging.getLogger(__name__)
+
+# Retry what may work later (a server down for a moment, a session lock held by
+# a long run), with exponential back-off and jitter: 1 s, 2 s, 4 s ... capped
+# at 2 min, about 15 minutes in all. Never retry data errors: they would fail
+# the same way every time.
+RETRY_POLICY: dict[str, Any] = {
+    "autoretry_for": (TransientError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 120,
+    "retry_jitter": True,
+    "max_retries": 12,
+}
+
+
+class RunTask(Task):  # type: ignore[misc]
+    """A task that owns a run record: if it finally fails, the run is marked failed."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        run_id = kwargs.get("run_id") or task_id
+        _fail_run_quietly(run_id, f"task {self.name} failed: {_describe(exc)}")
+
+
+# -- one session ------------------------------------------------------------------
+
+
+@app.task(name="worker.tasks.backup_session", bind=True, base=RunTask, **RETRY_POLICY)
+def backup_session(self: Task, session_id: str, run_id: str | None = None,
+                   full: bool = False) -> dict[str, Any]:
+    """Back up one session (a one-session run); returns its result dict."""
+    sid = parse_session_id(session_id)
+    run_id = run_id or self.request.id
+    with process.task_services(_worker_name(self)) as services:
+        services.pg.ensure_run("backup", "session", run_id=run_id, expected_sessions=1,
+                               details=_details(self, session_id=sid, full=full))
+        [result] = services.backup_engine().backup_batch(run_id, [sid], full=full,
+                                                         explicit=True)
+        run = services.pg.finish_run(run_id)
+    return _session_result(result, run_id, run.status.value)
+
+
+@app.task(name="worker.tasks.restore_session", bind=True, base=RunTask, **RETRY_POLICY)
+def restore_session(self: Task, session_id: str, force: bool = False,
+                    run_id: str | None = None) -> dict[str, Any]:
+    """Restore one session (a one-session run); returns its result dict."""
+    sid = parse_session_id(session_id)
+    run_id = run_id or self.request.id
+    with process.task_services(_worker_name(self)) as services:
+        services.pg.ensure_run("restore", "session", run_id=run_id, forced=force,
+                               expected_sessions=1, details=_details(self, session_id=sid))
+        [result] = services.restore_engine().restore_batch(run_id, [sid], force=force,
+                                                           explicit=True)
+        run = services.pg.finish_run(run_id)
+    return _session_result(result, run_id, run.status.value)
+
+
+# -- full runs: a coordinator, batches per shard, a chord callback ------------------
+
+
+# trail=False: the coordinator's result must not carry the hundreds of batch
+# tasks it started (Celery would attach them as `children`); the run record in
+# PostgreSQL is where progress lives.
+@app.task(name="worker.tasks.full_backup", bind=True, trail=False, **RETRY_POLICY)
+def full_backup(self: Task, full: bool = False, run_id: str | None = None,
+                trigger: str = "task") -> dict[str, Any]:
+    """Back up every session: batches per shard, then a chord completes the run.
+
+    Never two at once: a second full backup (a duplicate beat, an operator)
+    while one is running returns ``{"status": "skipped", ...}``.
+    """
+    run_id = run_id or self.request.id
+    settings = get_settings()
+    with process.task_services(_worker_name(self)) as services:
+        engine = services.backup_engine()
+        ids, bad = engine.list_sessions()
+        try:
+            run, created = services.pg.ensure_run(
+                "backup", "all", run_id=run_id, forced=False, expected_sessions=len(ids),
+                kept=len(bad), details=_details(self, trigger=trigger, full=full),
+            )
+        except RunInProgress as busy:
+            log.info("full backup not started: %s", busy)
+            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
+        if not created and run.details.get("dispatched"):
+            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
+        services.pg.keep_records(bad, run_id)
+        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
+        if not batches:
+            done = services.pg.finish_run(run_id)
+            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
+        header = [backup_batch.si(run_id, shard, batch, full) for shard, batch in batches]
+        _dispatch_chord(header, run_id)
+        services.pg.mark_run_dispatched(run_id)
+    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+
+
+@app.task(name="worker.tasks.full_restore", bind=True, trail=False, **RETRY_POLICY)
+def full_restore(self: Task, force: bool = False, run_id: str | None = None,
+                 trigger: str = "task") -> dict[str, Any]:
+    """Restore every live session from PostgreSQL: batches per shard, then a chord."""
+    run_id = run_id or self.request.id
+    settings = get_settings()
+    with process.task_services(_worker_name(self)) as services:
+        _live, deleted = services.pg.count_sessions()
+        ids = [sid for page in services.pg.live_session_ids() for sid in page]
+        try:
+            run, created = services.pg.ensure_run(
+                "restore", "all", run_id=run_id, forced=force, expected_sessions=len(ids),
+                details=_details(self, trigger=trigger, soft_deleted_not_restored=deleted),
+            )
+        except RunInProgress as busy:
+            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
+        if not created and run.details.get("dispatched"):
+            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
+        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
+        if not batches:
+            done = services.pg.finish_run(run_id)
+            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
+        header = [restore_batch.si(run_id, shard, batch, force) for shard, batch in batches]
+        _dispatch_chord(header, run_id)
+        services.pg.mark_run_dispatched(run_id)
+    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+
+
+@app.task(name="worker.tasks.backup_batch", bind=True, **RETRY_POLICY)
+def backup_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
+                 full: bool = False) -> dict[str, Any]:
+    """Back up one batch of one shard's sessions; per-session results go to PostgreSQL."""
+    with process.task_services(_worker_name(self)) as services:
+        results = services.backup_engine().backup_batch(run_id, session_ids, full=full)
+    return _batch_summary(shard, results)
+
+
+@app.task(name="worker.tasks.restore_batch", bind=True, **RETRY_POLICY)
+def restore_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
+                  force: bool = False) -> dict[str, Any]:
+    """Restore one batch of one shard's sessions; per-session results go to PostgreSQL."""
+    with process.task_services(_worker_name(self)) as services:
+        results = services.restore_engine().restore_batch(run_id, session_ids, force=force)
+    return _batch_summary(shard, results)
+
+
+@app.task(name="worker.tasks.finish_run", bind=True, **RETRY_POLICY)
+def finish_run(self: Task, batch_summaries: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+    """Chord callback: complete the run's snapshot row from its per-session results."""
+    with process.task_services(_worker_name(self)) as services:
+        run = services.pg.finish_run(run_id)
+    return run.as_dict()
+
+
+@app.task(name="worker.tasks.fail_run")
+def fail_run(request: Any, exc: BaseException, traceback: Any, run_id: str) -> None:
+    """Chord error path: a batch failed for good (the callback will not run)."""
+    task_id = getattr(request, "id", "?")
+    _fail_run_quietly(run_id, f"batch task {task_id} failed: {_describe(exc)}")
+
+
+# -- housekeeping -------------------------------------------------------------------
+
+
+@app.task(name="worker.tasks.fail_stale_runs", bind=True, **RETRY_POLICY)
+def fail_stale_runs(self: Task, after_seconds: int | None = None) -> list[str]:
+    """Mark failed the runs left `running` by a crash (no progress for STALE_RUN_AFTER)."""
+    seconds = after_seconds or get_settings().stale_run_after_s
+    with process.task_services(_worker_name(self)) as services:
+        stale = services.pg.stale_runs(seconds)
+        for run_id in stale:
+            services.pg.finish_run(
+                run_id, error=f"abandoned: no progress for {seconds} s (a worker or the "
+                              "process running it died)")
+    if stale:
+        log.warning("marked %d abandoned run(s) failed: %s", len(stale), ", ".join(stale))
+    return stale
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def shard_batches(session_ids: Sequence[str], shards: int,
+                  batch_size: int) -> list[tuple[int, list[str]]]:
+    """Sessions grouped by shard, then cut into batches: one task per batch.
+
+    A chord of one task per session would be 100,000 tasks for 100,000
+    sessions (Celery issues #3808, #4983: slow and memory-hungry chords);
+    batches keep it to sessions / batch_size.
+    """
+    by_shard: dict[int, list[str]] = {}
+    for sid in session_ids:
+        by_shard.setdefault(shard_of(sid, shards), []).append(sid)
+    return [
+        (shard, ids[start : start + batch_size])
+        for shard, ids in sorted(by_shard.items())
+        for start in range(0, len(ids), batch_size)
+    ]
+
+
+def _dispatch_chord(header: list[Any], run_id: str) -> None:
+    callback = finish_run.s(run_id).on_error(fail_run.s(run_id))
+    chord(header)(callback)
+
+
+def _batch_summary(shard: int, results: Sequence[SessionResult]) -> dict[str, Any]:
+    # Small on purpose: chord results sit in the result backend until the
+    # callback runs; the per-session detail is in PostgreSQL already.
+    return {
+        "shard": shard,
+        "sessions": len(results),
+        "messages": sum(r.messages for r in results),
+        "kept": sum(r.kept for r in results),
+        "failed": sum(r.status.value == "failed" for r in results),
+    }
+
+
+def _session_result(result: SessionResult, run_id: str, run_status: str) -> dict[str, Any]:
+    payload = result.as_dict()
+    payload["run_id"] = run_id
+    payload["run_status"] = run_status
+    return payload
+
+
+def _details(task: Task, **extra: Any) -> dict[str, Any]:
+    return {"mode": "celery", "task_id": task.request.id, **extra}
+
+
+def _worker_name(task: Task) -> str:
+    return str(task.request.hostname or "celery")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _fail_run_quietly(run_id: str, error: str) -> None:
+    # Best effort: if PostgreSQL is what failed, the stale-run sweep will do it.
+    with contextlib.suppress(DndError), process.task_services("errback") as services:
+        services.pg.finish_run(run_id, error=error)
