@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from worker.checksums import MessageChecksum, message_digest, session_digest
 from worker.errors import DndError, MessageConflict, TransientError
 from worker.keys import RedisKeys
 from worker.models import KeptRecord, Session, SessionResult, SessionStatus, Watermark
@@ -75,6 +76,10 @@ class _SessionWork:
     skipped: bool = False
     failed: str | None = None
     seconds: float = 0.0
+    # Digests of the rows this run COPYed (new and append plans).
+    written: MessageChecksum = field(default_factory=MessageChecksum)
+    # What PostgreSQL holds for the session after this run, when it changed.
+    checksum: MessageChecksum | None = None
 
     def keep(self, record: KeptRecord) -> None:
         self.kept.append(record)
@@ -187,6 +192,7 @@ class BackupEngine:
             self.pg.save_watermarks(
                 [m for m in (self._next_watermark(w) for w in works) if m is not None], run_id
             )
+            self._record_checksums(works, run_id)
             self.pg.keep_records([r for w in works for r in w.kept], run_id)
             for work in works:
                 work.seconds += overhead
@@ -275,6 +281,7 @@ class BackupEngine:
                 else:
                     copy.write(row)
                     work.stored += 1
+                    work.written.add(message_digest(row))
                     if lossy:
                         work.keep(self._kept_message(sid, key, raw, score, lossy))
             work.read += len(page)
@@ -324,6 +331,46 @@ class BackupEngine:
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _record_checksums(self, works: Sequence[_SessionWork], run_id: str | None) -> None:
+        """Record, per session whose stored data changed, a checksum of what PostgreSQL holds.
+
+        New and appended messages only add to the previous checksum (their
+        digests were summed as they were written); after a merge, or when no
+        checksum was recorded yet, the session's rows are read back and summed.
+        """
+        in_pg = [w for w in works if not w.failed and not w.skipped
+                 and (w.session is not None or w.mark is not None)]
+        if not in_pg:
+            return
+        recorded = self.pg.checksums([w.session_id for w in in_pg])
+        updates: list[tuple[str, MessageChecksum, bytes]] = []
+        recount: list[_SessionWork] = []
+        for work in in_pg:
+            old = recorded.get(work.session_id)
+            if old is None or work.plan is MessagePlan.MERGE:
+                recount.append(work)
+                continue
+            old_messages, old_session = old
+            if work.plan is MessagePlan.NONE and work.session is None:
+                continue  # nothing stored changed
+            messages = work.written if work.plan is MessagePlan.NEW else (
+                old_messages.merge(work.written))
+            digest = session_digest(work.session) if work.session else old_session
+            work.checksum = messages
+            updates.append((work.session_id, messages, digest))
+        if recount:
+            ids = [w.session_id for w in recount]
+            sessions = self.pg.sessions(ids)
+            sums = {sid: MessageChecksum() for sid in ids}
+            for row in self.pg.stream_message_rows(ids):
+                sums[row[1]].add(message_digest(row))
+            for work in recount:
+                if work.session_id in sessions:
+                    work.checksum = sums[work.session_id]
+                    updates.append((work.session_id, work.checksum,
+                                    session_digest(sessions[work.session_id])))
+        self.pg.save_checksums(updates, run_id)
+
     def _next_watermark(self, work: _SessionWork) -> Watermark | None:
         mark = work.mark
         if work.plan is MessagePlan.NONE:
@@ -372,6 +419,7 @@ class BackupEngine:
             kept=work.kept_total,
             duration_ms=round(work.seconds * 1000),
             error=error,
+            details={"checksum": work.checksum.hex()} if work.checksum else None,
             shard=self.shard_of(work.session_id) if self.shard_of else None,
             worker=self.worker_name,
             finished_at=datetime.now(UTC),

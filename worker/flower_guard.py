@@ -115,7 +115,10 @@ def check(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     if not is_flower(argv):
         return
     at = subcommand_index(argv)
-    problem = auth_problem(env, argv[at + 1 :] if at is not None else ())
+    flower_args = argv[at + 1 :] if at is not None else ()
+    if "--help" in flower_args:  # prints Flower's options and exits: nothing is served
+        return
+    problem = auth_problem(env, flower_args)
     if problem is None:
         return
     # The opt-out covers "no authentication at all", never a half-made one.

@@ -30,6 +30,7 @@ class SessionStatus(enum.StrEnum):
     PARTIAL = "partial"  # done, but some records were kept aside
     SKIPPED = "skipped"  # restore: exists in Redis (no --force) or soft-deleted
     FAILED = "failed"  # an error stopped it; nothing of it was committed
+    DIFFERENT = "different"  # verify: Redis and PostgreSQL disagree
 
 
 class RunStatus(enum.StrEnum):
@@ -97,6 +98,8 @@ class SessionResult:
     shard: int | None = None
     worker: str | None = None
     finished_at: datetime | None = None
+    # Kind-specific detail (a backup's checksum, what a verify found).
+    details: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the Celery task result of CONTRACT §3)."""
@@ -118,6 +121,7 @@ class SessionResult:
             shard=data.get("shard"),
             worker=data.get("worker"),
             finished_at=datetime.fromisoformat(finished) if finished else None,
+            details=data.get("details"),
         )
 
 
@@ -168,7 +172,7 @@ class RunTotals:
         self.sessions += 1
         self.messages += result.messages
         self.kept += result.kept
-        if result.status is SessionStatus.FAILED:
+        if result.status in (SessionStatus.FAILED, SessionStatus.DIFFERENT):
             self.failed += 1
         elif result.status is SessionStatus.SKIPPED:
             self.skipped += 1

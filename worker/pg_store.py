@@ -13,12 +13,14 @@ import json
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
 import psycopg.errors
 from psycopg import sql
 
+from worker.checksums import MessageChecksum
 from worker.connections import one_line, postgres_errors
 from worker.errors import MessageConflict, RunInProgress
 from worker.models import (
@@ -266,6 +268,46 @@ class PostgresStore:
             cur.execute(QUERIES["resolve_kept_records"], {"ids": list(ids)})
             return cur.rowcount
 
+    # -- checksums ----------------------------------------------------------
+
+    def checksums(self, session_ids: Sequence[str]) -> dict[str, tuple[MessageChecksum, bytes]]:
+        """Recorded checksums: session ID -> (message checksum, session digest)."""
+        with postgres_errors(self.settings):
+            rows = self.conn.execute(QUERIES["checksums"], {"ids": list(session_ids)})
+            return {
+                row[0]: (MessageChecksum.from_stored(row[1], row[2]), bytes(row[3]))
+                for row in rows
+            }
+
+    def save_checksums(
+        self, checksums: Sequence[tuple[str, MessageChecksum, bytes]], run_id: str | None
+    ) -> None:
+        if not checksums:
+            return
+        params = [
+            {
+                "session_id": sid,
+                "message_count": messages.count,
+                "messages_digest": messages.to_bytes(),
+                "session_digest": digest,
+                "snapshot_id": run_id,
+            }
+            for sid, messages, digest in checksums
+        ]
+        with postgres_errors(self.settings), self.conn.cursor() as cur:
+            cur.executemany(QUERIES["save_checksum"], params)
+
+    def stream_message_rows(self, session_ids: Sequence[str]) -> Iterator[MessageRow]:
+        """Every stored message of the sessions, as rows (COPY: flat memory, no order)."""
+        with (
+            postgres_errors(self.settings),
+            self.conn.cursor() as cur,
+            cur.copy(QUERIES["message_rows"], {"ids": list(session_ids)}) as copy,
+        ):
+            copy.set_types(["text", "text", "timestamptz", "text", "text", "text", "text"])
+            for row in copy.rows():
+                yield row
+
     # -- restore ------------------------------------------------------------
 
     def sessions(self, session_ids: Sequence[str]) -> dict[str, Session]:
@@ -408,6 +450,7 @@ class PostgresStore:
             "shards": [r.shard for r in results],
             "workers": [r.worker for r in results],
             "finished": [r.finished_at for r in results],
+            "details": [None if r.details is None else json.dumps(r.details) for r in results],
         }
         with postgres_errors(self.settings):
             self.conn.execute(QUERIES["record_results"], params)
@@ -450,10 +493,28 @@ class PostgresStore:
             SessionResult(
                 session_id=row[0], status=SessionStatus(row[1]), messages=row[2], kept=row[3],
                 duration_ms=row[4], error=row[5], shard=row[6], worker=row[7],
-                finished_at=row[8],
+                finished_at=row[8], details=row[9],
             )
             for row in rows
         ]
+
+    def prune(self, *, keep: int | None, before: datetime | None,
+              dry_run: bool = False) -> dict[str, int]:
+        """Remove old run records (see queries.sql); counts of what went (or would go)."""
+        if keep is None and before is None:
+            raise ValueError("prune needs keep or before")
+        params = {"keep": keep, "before": before}
+        # A dry run does it all and rolls back: the counts are exactly what
+        # a real run would remove at this moment.
+        with postgres_errors(self.settings), self.conn.transaction(force_rollback=dry_run):
+            row = self.conn.execute(QUERIES["prune_runs"], params).fetchone()
+            assert row is not None
+            with self.conn.cursor() as cur:
+                cur.execute(QUERIES["prune_resolved_kept"], params)
+                kept = cur.rowcount
+            counts = {"runs": int(row[0]), "session_results": int(row[1]),
+                      "resolved_kept_records": kept}
+        return counts
 
     def execute_script(self, query: sql.Composable | str) -> None:
         """Run a statement built with psycopg.sql (tests and maintenance only)."""

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from worker.errors import DndError, LockTimeout
 from worker.models import Run, SessionResult, SessionStatus
+from worker.records import parse_session_id
 from worker.services import Services
 
 
@@ -48,6 +49,8 @@ def backup_run(
     progress = progress or NoProgress()
     pg = services.pg
     engine = services.backup_engine()
+    if session_id is not None:
+        session_id = parse_session_id(session_id)
     info = {"mode": "local", "full": full, **(details or {})}
     if session_id is not None:
         run = pg.start_run("backup", "session", expected_sessions=1,
@@ -85,6 +88,8 @@ def restore_run(
     progress = progress or NoProgress()
     pg = services.pg
     engine = services.restore_engine()
+    if session_id is not None:
+        session_id = parse_session_id(session_id)
     info = {"mode": "local", **(details or {})}
     if session_id is not None:
         run = pg.start_run("restore", "session", forced=force, expected_sessions=1,
@@ -101,6 +106,38 @@ def restore_run(
             try:
                 results = engine.restore_batch(run.id, batch, force=force,
                                                explicit=session_id is not None)
+            except LockTimeout as exc:
+                results = _failed(services, run.id, batch, str(exc))
+            progress.advance(results)
+    return pg.finish_run(run.id)
+
+
+def verify_run(
+    services: Services,
+    *,
+    session_id: str | None = None,
+    quick: bool = False,
+    progress: Progress | None = None,
+    details: dict[str, Any] | None = None,
+) -> Run:
+    """Compare Redis with PostgreSQL for one session, or for every session in either."""
+    progress = progress or NoProgress()
+    pg = services.pg
+    engine = services.verify_engine()
+    info = {"mode": "local", "quick": quick, **(details or {})}
+    if session_id is not None:
+        session_id = parse_session_id(session_id)
+        run = pg.start_run("verify", "session", expected_sessions=1,
+                           details={**info, "session_id": session_id})
+        ids = [session_id]
+    else:
+        ids = engine.session_ids()
+        run = pg.start_run("verify", "all", expected_sessions=len(ids), details=info)
+    progress.start(run, len(ids))
+    with _finish_on_error(services, run):
+        for batch in chunked(ids, services.settings.batch_sessions):
+            try:
+                results = engine.verify_batch(run.id, batch, quick=quick)
             except LockTimeout as exc:
                 results = _failed(services, run.id, batch, str(exc))
             progress.advance(results)

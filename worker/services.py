@@ -19,6 +19,7 @@ from worker.redis_store import RedisStore
 from worker.restore import RestoreEngine
 from worker.settings import Settings
 from worker.sharding import shard_of
+from worker.verify import VerifyEngine
 
 
 @dataclass
@@ -33,6 +34,10 @@ class Services:
 
     def backup_engine(self) -> BackupEngine:
         return BackupEngine(self.redis, self.pg, chunk_messages=self.settings.chunk_messages,
+                            shard_of=self.shard, worker_name=self.worker_name)
+
+    def verify_engine(self) -> VerifyEngine:
+        return VerifyEngine(self.redis, self.pg, chunk_messages=self.settings.chunk_messages,
                             shard_of=self.shard, worker_name=self.worker_name)
 
     def restore_engine(self) -> RestoreEngine:

@@ -70,6 +70,9 @@ class Settings:
     queue_prefix: str = "dnd."
     # Prefix of every key Celery writes in a Redis broker / result store.
     celery_key_prefix: str = ""
+    # Retries of a task that met a transient error (server down, lock held),
+    # with exponential back-off capped at 2 minutes: 12 is about 15 minutes.
+    task_max_retries: int = 12
     # Both limits stay under RabbitMQ's default consumer_timeout (30 min).
     task_soft_time_limit_s: int = 1200
     task_time_limit_s: int = 1500
@@ -131,6 +134,7 @@ class Settings:
                 env, "BROKER_VISIBILITY_TIMEOUT", d.broker_visibility_timeout_s, 5, 604_800
             ),
             beat_schedule_file=env.get("BEAT_SCHEDULE_FILE", "").strip() or d.beat_schedule_file,
+            task_max_retries=_int(env, "TASK_MAX_RETRIES", d.task_max_retries, 0, 1000),
             task_soft_time_limit_s=_int(
                 env, "TASK_SOFT_TIME_LIMIT", d.task_soft_time_limit_s, 1, 604_800
             ),

@@ -31,14 +31,14 @@ log = logging.getLogger(__name__)
 
 # Retry what may work later (a server down for a moment, a session lock held by
 # a long run), with exponential back-off and jitter: 1 s, 2 s, 4 s ... capped
-# at 2 min, about 15 minutes in all. Never retry data errors: they would fail
-# the same way every time.
+# at 2 min; TASK_MAX_RETRIES (12: about 15 minutes in all). Never retry data
+# errors: they would fail the same way every time.
 RETRY_POLICY: dict[str, Any] = {
     "autoretry_for": (TransientError,),
     "retry_backoff": 1,
     "retry_backoff_max": 120,
     "retry_jitter": True,
-    "max_retries": 12,
+    "max_retries": get_settings().task_max_retries,
 }
 
 
@@ -80,6 +80,20 @@ def restore_session(self: Task, session_id: str, force: bool = False,
                                expected_sessions=1, details=_details(self, session_id=sid))
         [result] = services.restore_engine().restore_batch(run_id, [sid], force=force,
                                                            explicit=True)
+        run = services.pg.finish_run(run_id)
+    return _session_result(result, run_id, run.status.value)
+
+
+@app.task(name="worker.tasks.verify_session", bind=True, base=RunTask, **RETRY_POLICY)
+def verify_session(self: Task, session_id: str, quick: bool = False,
+                   run_id: str | None = None) -> dict[str, Any]:
+    """Compare one session in Redis with its backup (a one-session verify run)."""
+    sid = parse_session_id(session_id)
+    run_id = run_id or self.request.id
+    with process.task_services(_worker_name(self)) as services:
+        services.pg.ensure_run("verify", "session", run_id=run_id, expected_sessions=1,
+                               details=_details(self, session_id=sid, quick=quick))
+        [result] = services.verify_engine().verify_batch(run_id, [sid], quick=quick)
         run = services.pg.finish_run(run_id)
     return _session_result(result, run_id, run.status.value)
 
@@ -152,6 +166,33 @@ def full_restore(self: Task, force: bool = False, run_id: str | None = None,
     return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
 
 
+@app.task(name="worker.tasks.full_verify", bind=True, trail=False, **RETRY_POLICY)
+def full_verify(self: Task, quick: bool = False, run_id: str | None = None,
+                trigger: str = "task") -> dict[str, Any]:
+    """Verify every session in Redis or PostgreSQL: batches per shard, then a chord."""
+    run_id = run_id or self.request.id
+    settings = get_settings()
+    with process.task_services(_worker_name(self)) as services:
+        ids = services.verify_engine().session_ids()
+        try:
+            run, created = services.pg.ensure_run(
+                "verify", "all", run_id=run_id, expected_sessions=len(ids),
+                details=_details(self, trigger=trigger, quick=quick),
+            )
+        except RunInProgress as busy:
+            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
+        if not created and run.details.get("dispatched"):
+            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
+        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
+        if not batches:
+            done = services.pg.finish_run(run_id)
+            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
+        header = [verify_batch.si(run_id, shard, batch, quick) for shard, batch in batches]
+        _dispatch_chord(header, run_id)
+        services.pg.mark_run_dispatched(run_id)
+    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+
+
 @app.task(name="worker.tasks.backup_batch", bind=True, **RETRY_POLICY)
 def backup_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
                  full: bool = False) -> dict[str, Any]:
@@ -167,6 +208,15 @@ def restore_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
     """Restore one batch of one shard's sessions; per-session results go to PostgreSQL."""
     with process.task_services(_worker_name(self)) as services:
         results = services.restore_engine().restore_batch(run_id, session_ids, force=force)
+    return _batch_summary(shard, results)
+
+
+@app.task(name="worker.tasks.verify_batch", bind=True, **RETRY_POLICY)
+def verify_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
+                 quick: bool = False) -> dict[str, Any]:
+    """Verify one batch of one shard's sessions; per-session results go to PostgreSQL."""
+    with process.task_services(_worker_name(self)) as services:
+        results = services.verify_engine().verify_batch(run_id, session_ids, quick=quick)
     return _batch_summary(shard, results)
 
 
@@ -201,6 +251,21 @@ def fail_stale_runs(self: Task, after_seconds: int | None = None) -> list[str]:
     if stale:
         log.warning("marked %d abandoned run(s) failed: %s", len(stale), ", ".join(stale))
     return stale
+
+
+@app.task(name="worker.tasks.prune_runs", bind=True, **RETRY_POLICY)
+def prune_runs(self: Task, older_than_days: int | None = None,
+               keep: int | None = None) -> dict[str, int]:
+    """Remove old run records (never backed-up data): beat runs it on PRUNE_SCHEDULE."""
+    from datetime import UTC, datetime, timedelta
+
+    days = older_than_days if older_than_days is not None or keep is not None else (
+        get_settings().prune_keep_days)
+    before = None if days is None else datetime.now(UTC) - timedelta(days=days)
+    with process.task_services(_worker_name(self)) as services:
+        removed = services.pg.prune(keep=keep, before=before)
+    log.info("pruned run records: %s", removed)
+    return removed
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -238,6 +303,7 @@ def _batch_summary(shard: int, results: Sequence[SessionResult]) -> dict[str, An
         "messages": sum(r.messages for r in results),
         "kept": sum(r.kept for r in results),
         "failed": sum(r.status.value == "failed" for r in results),
+        "different": sum(r.status.value == "different" for r in results),
     }
 
 

@@ -373,3 +373,52 @@ def test_cli_with_the_broker_down_says_which_setting(celery_env, kind):
     assert done.returncode == 5, (done.stdout, done.stderr)
     assert "CELERY_BROKER_URL" in done.stderr
     assert "s3cret" not in done.stderr + done.stdout
+
+
+def test_a_batch_that_fails_for_good_marks_the_run_failed(celery_env, workers, redis_client,
+                                                         keys, pg_conn, database_url):
+    """The chord's error path: the callback never runs, the errback fails the run."""
+    env = {**celery_env, "DATABASE_LOCK_TIMEOUT_MS": "300", "TASK_MAX_RETRIES": "1",
+           "BACKUP_BATCH_SESSIONS": "1"}
+    ids = make_sessions(redis_client, keys, 6, 3)
+    workers(env, concurrency=2)
+    # One session's lock held all along: its batch times out waiting, is
+    # retried once, then fails for good. The other batches complete.
+    holder = psycopg.connect(database_url)
+    holder.execute("SELECT pg_advisory_xact_lock(1684956267, hashtext(%s))", (ids[0],))
+    try:
+        answer = run_python(env, """
+import json
+from worker.tasks import full_backup
+print(json.dumps(full_backup.delay().get(timeout=60)))
+""")
+        run = wait_for_run(pg_conn, answer["run_id"], timeout=120)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert run["status"] == "failed"
+    assert "batch task" in run["error"] and "LockTimeout" in run["error"]
+    stored = {r[0] for r in pg_conn.execute("SELECT id::text FROM client_sessions")}
+    assert stored == set(ids[1:])
+
+
+def test_a_run_abandoned_by_a_crash_is_marked_failed(celery_env, workers, pg_conn):
+    workers(celery_env)
+    pg_conn.execute(
+        "INSERT INTO persistence_snapshots (id, kind, scope, created_at) "
+        "VALUES (gen_random_uuid(), 'backup', 'all', now() - interval '3 hours')")
+    pg_conn.execute(
+        "INSERT INTO persistence_snapshots (id, kind, scope) "
+        "VALUES (gen_random_uuid(), 'restore', 'all')")
+    swept = run_python(celery_env, """
+import json
+from worker.tasks import fail_stale_runs
+print(json.dumps(fail_stale_runs.delay().get(timeout=60)))
+""")
+    assert len(swept) == 1
+    statuses = dict(pg_conn.execute(
+        "SELECT kind, status FROM persistence_snapshots").fetchall())
+    assert statuses == {"backup": "failed", "restore": "running"}
+    error = pg_conn.execute(
+        "SELECT error FROM persistence_snapshots WHERE kind = 'backup'").fetchone()[0]
+    assert "abandoned" in error

@@ -37,7 +37,7 @@ def kept_records(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
         conn,
         "SELECT id, kind, redis_key, session_id, message_id, score, reason, raw, preview,"
         " first_snapshot_id::text AS first_run, last_snapshot_id::text AS last_run,"
-        " times_seen FROM persistence_kept_records ORDER BY id",
+        " times_seen, resolved_at FROM persistence_kept_records ORDER BY id",
     )
 
 

@@ -329,6 +329,12 @@ def test_bad_records_seen_again_update_their_kept_row(services, redis_client, ke
         assert row["last_run"] == second.id
     assert bytes(after["message"]["raw"]) == bad_message
 
+    # Marked resolved, but still in Redis and still bad: the next run reopens it.
+    services.pg.resolve_kept_records([after["message"]["id"]])
+    backup_run(services, full=True)
+    reopened = {r["kind"]: r for r in kept_records(pg_conn)}["message"]
+    assert reopened["resolved_at"] is None
+
 
 def test_session_hash_id_not_matching_its_key(services, redis_client, keys, pg_conn):
     sid = new_id()

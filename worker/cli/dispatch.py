@@ -26,8 +26,9 @@ RECHECK_WORKERS_AFTER_S = 60.0
 COORDINATOR_TIMEOUT_S = 120.0
 
 
-def run_on_workers(kind: str, *, session_id: str | None, full: bool, force: bool,
-                   no_wait: bool, timeout: float | None, out: Output) -> Run | None:
+def run_on_workers(kind: str, *, session_id: str | None, full: bool = False,
+                   force: bool = False, quick: bool = False, no_wait: bool,
+                   timeout: float | None, out: Output) -> Run | None:
     """Start a run on the workers; wait for it and return it (None with --no-wait)."""
     from worker import tasks
     from worker.celery import app
@@ -42,16 +43,19 @@ def run_on_workers(kind: str, *, session_id: str | None, full: bool, force: bool
     check_workers(app, needed, config)
 
     run_id = str(uuid.uuid4())
+    # What each kind of run passes on: --full, --force, --quick.
+    flags: dict[str, Any] = {"backup": {"full": full}, "restore": {"force": force},
+                             "verify": {"quick": quick}}[kind]
     with _broker_errors(config):
         if session_id is not None:
-            task = tasks.backup_session if kind == "backup" else tasks.restore_session
-            options: dict[str, Any] = {"session_id": session_id, "run_id": run_id}
-            options.update({"full": full} if kind == "backup" else {"force": force})
+            task = {"backup": tasks.backup_session, "restore": tasks.restore_session,
+                    "verify": tasks.verify_session}[kind]
+            options: dict[str, Any] = {"session_id": session_id, "run_id": run_id, **flags}
             async_result = task.apply_async(kwargs=options, task_id=run_id)
         else:
-            task = tasks.full_backup if kind == "backup" else tasks.full_restore
-            options = {"run_id": run_id, "trigger": "cli"}
-            options.update({"full": full} if kind == "backup" else {"force": force})
+            task = {"backup": tasks.full_backup, "restore": tasks.full_restore,
+                    "verify": tasks.full_verify}[kind]
+            options = {"run_id": run_id, "trigger": "cli", **flags}
             async_result = task.apply_async(kwargs=options, task_id=run_id,
                                             queue=default_queue(config))
     try:
@@ -84,7 +88,7 @@ def watch_run(run_id: str, *, kind: str, timeout: float | None,
     from worker.celery import app
 
     config = settings()
-    bar = ProgressBar("backing up" if kind == "backup" else "restoring")
+    bar = ProgressBar({"backup": "backing up", "restore": "restoring"}.get(kind, "verifying"))
     started = time.monotonic()
     last_change = started
     last_seen: tuple[int, int] | None = None

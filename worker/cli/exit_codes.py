@@ -21,5 +21,7 @@ SCHEMA = 8
 TIMEOUT = 9
 # --local full run refused: another full run of the same kind is running.
 BUSY = 10
+# verify: Redis and the backup differ (details on stdout).
+DIFFERENCES = 11
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130

@@ -13,9 +13,11 @@ from typing import NoReturn
 import click
 
 from worker.cli import exit_codes
+from worker.cli.dev_cmd import dev
 from worker.cli.kept_cmd import kept
 from worker.cli.migrate_cmd import migrate
 from worker.cli.runs_cmd import backup, restore
+from worker.cli.verify_cmd import verify
 from worker.errors import (
     ConfigError,
     DndError,
@@ -44,7 +46,8 @@ def cli() -> None:
     Exit status: 0 ok, 1 unexpected error, 2 bad argument, 3 partial (records
     kept aside), 4 run failed, 5 server unreachable, 6 no worker, 7 bad
     setting, 8 schema not migrated, 9 timed out waiting, 10 another full run
-    of this kind is running (--local), 130 interrupted.
+    of this kind is running (--local), 11 verify found differences, 130
+    interrupted.
     """
 
 
@@ -52,6 +55,8 @@ cli.add_command(migrate)
 cli.add_command(backup)
 cli.add_command(restore)
 cli.add_command(kept)
+cli.add_command(verify)
+cli.add_command(dev)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
 import click
 
 from worker.cli import exit_codes
@@ -16,6 +20,25 @@ from worker.cli.common import (
 from worker.cli.output import Output, ProgressBar, format_duration, run_exit_status
 from worker.models import Run, RunStatus, SessionStatus
 from worker.services import open_postgres, open_services
+
+class _Duration(click.ParamType):  # type: ignore[type-arg]
+    """An age like 30d, 12h, 90m, 2w or 45s; a bare number is days."""
+
+    name = "duration"
+    _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", str(value))
+        if match is None:
+            self.fail(f"{value!r} is not an age like 30d, 12h, 90m or 2w", param, ctx)
+        amount, unit = int(match.group(1)), match.group(2) or "d"
+        return timedelta(**{self._UNITS[unit]: amount})
+
+
+DURATION = _Duration()
 
 WAIT_OPTIONS = [
     click.option("--no-wait", is_flag=True,
@@ -132,6 +155,35 @@ def show_run(run_id: str, show_sessions: str, output: str) -> int:
     return run_exit_status(run)
 
 
+@backup.command("prune")
+@click.option("--keep", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Keep the newest N finished runs of each kind (backup, restore, verify).")
+@click.option("--older-than", "older_than", type=DURATION, default=None, metavar="AGE",
+              help="Remove runs that ended more than AGE ago: 30d, 12h, 90m, 2w "
+                   "(a bare number is days).")
+@click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
+@output_option
+def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output: str) -> int:
+    """Remove old run records, never backed-up data.
+
+    Run records are the persistence_snapshots rows and their per-session
+    results; kept-aside records go too once marked resolved (`dnd-client kept
+    resolve`) and their last run is gone. Running runs are never removed. With
+    both --keep and --older-than, a run goes only when it meets both. Beat can
+    do this on a schedule: PRUNE_SCHEDULE and PRUNE_KEEP_DAYS.
+    """
+    if keep is None and older_than is None:
+        raise click.UsageError("give --keep N, --older-than AGE, or both")
+    before = None if older_than is None else datetime.now(UTC) - older_than
+    with open_postgres(settings()) as pg:
+        counts = pg.prune(keep=keep, before=before, dry_run=dry_run)
+    out = Output(output)
+    out.data({**counts, "dry_run": dry_run}, columns=("removed" if not dry_run
+                                                        else "would remove", "count"),
+             rows=[(name.replace("_", " "), value) for name, value in counts.items()])
+    return exit_codes.OK
+
+
 # -- restore ------------------------------------------------------------------
 
 
@@ -142,20 +194,91 @@ def show_run(run_id: str, show_sessions: str, output: str) -> int:
 @click.option("--force", is_flag=True,
               help="Replace sessions that exist in Redis (their hash and all their messages; "
                    "messages never backed up are lost). Without it they are skipped.")
+@click.option("--target-redis", metavar="URL", default=None,
+              help="Drill: restore into this Redis instead of REDIS_URL, then verify it. "
+                   "The live data is never touched.")
+@click.option("--target-prefix", metavar="PREFIX", default=None,
+              help="Drill: restore under this key prefix instead of REDIS_KEY_PREFIX, then "
+                   "verify it (on REDIS_URL unless --target-redis).")
+@click.option("--cleanup", is_flag=True,
+              help="Drill: delete the target prefix's keys after verifying.")
 @local_option
 @_wait_options
 @output_option
-def restore(all_sessions: bool, session_id: str | None, force: bool, local: bool,
-            no_wait: bool, timeout: float | None, output: str) -> int:
+def restore(all_sessions: bool, session_id: str | None, force: bool, target_redis: str | None,
+            target_prefix: str | None, cleanup: bool, local: bool, no_wait: bool,
+            timeout: float | None, output: str) -> int:
     """Restore sessions from PostgreSQL into Redis (--all, or --session ID).
 
     A session that already exists in Redis is skipped unless --force; a
     soft-deleted session is never restored. Each session appears in Redis all at
     once: the application never sees half of one.
+
+    \b
+    A restore drill (--target-redis and/or --target-prefix) restores into
+    another Redis or prefix, then verifies it against PostgreSQL: proof that
+    the backup restores, at no risk. Drills run in this process, so that the
+    target's password never travels through the broker.
     """
     one_of_all_or_session(all_sessions, session_id)
+    if target_redis is not None or target_prefix is not None:
+        if no_wait:
+            raise click.UsageError("a drill runs in this process; --no-wait does not apply")
+        return _drill(session_id=session_id, force=force, target_url=target_redis,
+                      target_prefix=target_prefix, cleanup=cleanup, output=output)
+    if cleanup:
+        raise click.UsageError("--cleanup is for drills (--target-redis / --target-prefix)")
     return _start("restore", session_id=session_id, local=local, no_wait=no_wait,
                   timeout=timeout, output=output, force=force)
+
+
+def _drill(*, session_id: str | None, force: bool, target_url: str | None,
+           target_prefix: str | None, cleanup: bool, output: str) -> int:
+    from worker.cli.verify_cmd import (
+        problems_of,
+        report_verify,
+        verify_exit_status,
+        verify_payload,
+    )
+    from worker.drill import run_drill
+
+    if target_url is not None:
+        try:
+            scheme = urlsplit(target_url).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise click.BadParameter("must be a redis:// URL", param_hint="--target-redis")
+    if target_prefix is not None and any(ch in target_prefix for ch in "*?[]{} \t\r\n"):
+        raise click.BadParameter("no glob characters, braces or spaces",
+                                 param_hint="--target-prefix")
+    out = Output(output)
+    restoring, verifying = ProgressBar("restoring (drill)"), ProgressBar("verifying (drill)")
+    with open_services(settings()) as services:
+        try:
+            report = run_drill(services, target_url=target_url, target_prefix=target_prefix,
+                               session_id=session_id, force=force, cleanup=cleanup,
+                               restore_progress=restoring, verify_progress=verifying)
+        finally:
+            restoring.close()
+            verifying.close()
+    out.status(f"drill target: {report.target}")
+    if out.json:
+        # One JSON document: the restore, then the verify with its differences.
+        problems = problems_of(report.verify)
+        status = verify_exit_status(report.verify, problems)
+        out.data({"target": report.target, "restore": report.restore.as_dict(),
+                  "verify": verify_payload(report.verify, problems),
+                  "cleaned_up_keys": report.cleaned_up})
+    else:
+        out.run(report.restore)
+        out.stdout.write("\n")
+        status = report_verify(report.verify, out)
+        if report.cleaned_up is not None:
+            out.status(f"cleaned up: {report.cleaned_up} key(s) under the target prefix")
+    if report.restore.status is RunStatus.FAILED:
+        return run_exit_status(report.restore)
+    return status
 
 
 # -- shared -------------------------------------------------------------------

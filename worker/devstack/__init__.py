@@ -41,6 +41,9 @@ from __future__ import annotations
 
 from worker.errors import DndError
 
+# Beat's schedule in the dev stack unless BACKUP_SCHEDULE is set: often enough to see it work.
+DEV_BACKUP_SCHEDULE = "*/5 * * * *"
+
 
 class DevStackError(DndError):
     """The dev stack could not start or had to stop (the message says why)."""

@@ -149,8 +149,9 @@ def any_free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def choose_port(what: str, option: str, explicit: int | None, recorded: Any,
-                default: int) -> tuple[int, str | None]:
+def choose_port(
+    what: str, option: str, explicit: int | None, recorded: Any, default: int
+) -> tuple[int, str | None]:
     """The port for a server, and a note when it is not the one used last time.
 
     An explicit port must be free. Otherwise: the port this data dir used last

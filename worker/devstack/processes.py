@@ -201,28 +201,40 @@ class Supervisor:
     def record(self) -> None:
         """Write the PIDs (with start times and stop signals) to the PID file."""
         entries = [
-            {"name": c.name, "pid": c.pid, "create_time": c.create_time,
-             "stop_signal": int(c.spec.stop_signal)}
-            for c in self.children.values() if c.proc is not None
+            {
+                "name": c.name,
+                "pid": c.pid,
+                "create_time": c.create_time,
+                "stop_signal": int(c.spec.stop_signal),
+            }
+            for c in self.children.values()
+            if c.proc is not None
         ]
         payload = {"supervisor": os.getpid(), "children": entries}
         tmp = self.pid_file.with_name(self.pid_file.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         tmp.replace(self.pid_file)
 
-    def stop(self, names: Iterable[str], timeout: float, hurry: threading.Event,
-             on_wait: Callable[[list[Child]], None] | None = None) -> list[Child]:
+    def stop(
+        self,
+        names: Iterable[str],
+        timeout: float,
+        hurry: threading.Event,
+        on_wait: Callable[[list[Child]], None] | None = None,
+    ) -> list[Child]:
         """Stop these children together; returns those that had to be SIGKILLed."""
         chosen = [self.children[n] for n in names if n in self.children]
         for child in chosen:
             child.restart_at = None
             child.send(child.spec.stop_signal)
-        deadline = time.monotonic() + timeout
-        told = False
+        started = time.monotonic()
+        told = on_wait is None
         while any(c.running() for c in chosen):
-            if hurry.is_set() or time.monotonic() >= deadline:
+            elapsed = time.monotonic() - started
+            if hurry.is_set() or elapsed >= timeout:
                 break
-            if not told and on_wait is not None and time.monotonic() >= deadline - timeout + 3:
+            if not told and elapsed >= 3 and on_wait is not None:
+                # Taking a while (tasks finishing): say why we wait.
                 on_wait([c for c in chosen if c.running()])
                 told = True
             hurry.wait(0.1)
@@ -270,8 +282,9 @@ def stop_leftovers(pid_file: Path, say: Callable[[str], None], timeout: float = 
             proc = psutil.Process(int(entry["pid"]))
             if abs(float(proc.create_time()) - float(entry["create_time"])) > 0.5:
                 continue
-            found.append((proc, int(entry.get("stop_signal", signal.SIGTERM)),
-                          str(entry.get("name", "?"))))
+            found.append(
+                (proc, int(entry.get("stop_signal", signal.SIGTERM)), str(entry.get("name", "?")))
+            )
         except (psutil.Error, KeyError, TypeError, ValueError):
             continue
     if found:

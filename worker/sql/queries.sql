@@ -130,6 +130,9 @@ INSERT INTO persistence_kept_records (
 )
 ON CONFLICT (redis_key, raw_sha256) DO UPDATE SET
     reason = EXCLUDED.reason,
+    -- Seen again: still in Redis, still not stored. Whoever marked it resolved
+    -- should know it is back.
+    resolved_at = NULL,
     last_snapshot_id = EXCLUDED.last_snapshot_id,
     last_seen_at = now(),
     times_seen = persistence_kept_records.times_seen + 1;
@@ -210,14 +213,16 @@ WHERE id = %(id)s AND status = 'running';
 
 -- name: record_results
 INSERT INTO persistence_session_results (
-    snapshot_id, session_id, status, messages, kept, duration_ms, error, shard, worker, finished_at
+    snapshot_id, session_id, status, messages, kept, duration_ms, error, shard, worker,
+    finished_at, details
 )
 SELECT %(snapshot_id)s, r.session_id, r.status, r.messages, r.kept, r.duration_ms, r.error,
-       r.shard, r.worker, coalesce(r.finished_at, now())
+       r.shard, r.worker, coalesce(r.finished_at, now()), r.details
 FROM unnest(%(session_ids)s::uuid[], %(statuses)s::text[], %(messages)s::int[], %(kept)s::int[],
             %(durations)s::int[], %(errors)s::text[], %(shards)s::int[], %(workers)s::text[],
-            %(finished)s::timestamptz[])
-     AS r (session_id, status, messages, kept, duration_ms, error, shard, worker, finished_at)
+            %(finished)s::timestamptz[], %(details)s::jsonb[])
+     AS r (session_id, status, messages, kept, duration_ms, error, shard, worker, finished_at,
+           details)
 -- A retried task reports again: its latest word replaces the earlier one.
 ON CONFLICT (snapshot_id, session_id) DO UPDATE SET
     status = EXCLUDED.status,
@@ -227,7 +232,8 @@ ON CONFLICT (snapshot_id, session_id) DO UPDATE SET
     error = EXCLUDED.error,
     shard = EXCLUDED.shard,
     worker = EXCLUDED.worker,
-    finished_at = EXCLUDED.finished_at;
+    finished_at = EXCLUDED.finished_at,
+    details = EXCLUDED.details;
 
 -- name: finish_run
 -- Totals come from the per-session results, so the numbers in the snapshot row
@@ -237,7 +243,11 @@ WITH totals AS (
     SELECT count(*) AS sessions,
            coalesce(sum(messages), 0) AS messages,
            coalesce(sum(kept), 0) AS kept,
-           count(*) FILTER (WHERE status = 'failed') AS failed
+           -- A verify's 'different' sessions fail it as errors fail a backup.
+           count(*) FILTER (WHERE status IN ('failed', 'different')) AS failed,
+           (array_agg(session_id::text || ': ' || coalesce(error, 'no reason given')
+                      ORDER BY finished_at) FILTER (WHERE status IN ('failed', 'different')))[1]
+               AS first_failure
     FROM persistence_session_results
     WHERE snapshot_id = %(id)s
 )
@@ -252,7 +262,12 @@ UPDATE persistence_snapshots AS s SET
                      CASE WHEN s.expected_sessions > t.sessions
                           THEN (s.expected_sessions - t.sessions)::text
                                || ' of ' || s.expected_sessions::text
-                               || ' sessions have no result' END),
+                               || ' sessions have no result' END,
+                     CASE WHEN t.failed > 0
+                          THEN t.failed::text
+                               || CASE WHEN s.kind = 'verify' THEN ' session(s) differ'
+                                       ELSE ' session(s) failed' END
+                               || '; first: ' || t.first_failure END),
     status = CASE
         WHEN %(error)s::text IS NOT NULL OR t.failed > 0 OR s.expected_sessions > t.sessions
             THEN 'failed'
@@ -287,7 +302,8 @@ FROM persistence_session_results
 WHERE snapshot_id = %(id)s;
 
 -- name: run_results
-SELECT session_id::text, status, messages, kept, duration_ms, error, shard, worker, finished_at
+SELECT session_id::text, status, messages, kept, duration_ms, error, shard, worker, finished_at,
+       details
 FROM persistence_session_results
 WHERE snapshot_id = %(id)s
 ORDER BY finished_at, session_id;
@@ -318,3 +334,61 @@ WHERE s.status = 'running'
 UPDATE persistence_snapshots
 SET details = details || jsonb_build_object('dispatched', true)
 WHERE id = %(id)s;
+
+-- name: checksums
+SELECT session_id::text, message_count, messages_digest, session_digest
+FROM backup_checksums
+WHERE session_id = ANY(%(ids)s::uuid[]);
+
+-- name: save_checksum
+INSERT INTO backup_checksums (session_id, message_count, messages_digest, session_digest,
+                              snapshot_id)
+VALUES (%(session_id)s, %(message_count)s, %(messages_digest)s, %(session_digest)s,
+        %(snapshot_id)s)
+ON CONFLICT (session_id) DO UPDATE SET
+    message_count = EXCLUDED.message_count,
+    messages_digest = EXCLUDED.messages_digest,
+    session_digest = EXCLUDED.session_digest,
+    snapshot_id = EXCLUDED.snapshot_id,
+    computed_at = now();
+
+-- name: message_rows
+-- Messages as stored, for checksums and verify (digests are computed in
+-- Python, the same way for rows read from Redis).
+COPY (
+    SELECT id::text, session_id::text, created_at, role, content, tool_calls::text, player_id
+    FROM client_messages
+    WHERE session_id = ANY(%(ids)s::uuid[])
+) TO STDOUT (FORMAT BINARY);
+
+-- name: prune_runs
+-- Old run records go, with their per-session results (ON DELETE CASCADE).
+-- Never a running run; never the backed-up sessions and messages. `keep`
+-- counts finished runs per kind (newest first); with both criteria, a run
+-- goes only when it meets both.
+WITH ranked AS (
+    SELECT id, coalesce(finished_at, created_at) AS ended,
+           row_number() OVER (PARTITION BY kind ORDER BY created_at DESC, id DESC) AS newest
+    FROM persistence_snapshots
+    WHERE status <> 'running'
+),
+doomed AS (
+    SELECT id FROM ranked
+    WHERE (%(keep)s::int IS NULL OR newest > %(keep)s::int)
+      AND (%(before)s::timestamptz IS NULL OR ended < %(before)s::timestamptz)
+),
+results AS (
+    SELECT count(*) AS n FROM persistence_session_results r JOIN doomed d ON d.id = r.snapshot_id
+),
+deleted AS (
+    DELETE FROM persistence_snapshots s USING doomed d WHERE s.id = d.id RETURNING s.id
+)
+SELECT (SELECT count(*) FROM deleted), (SELECT n FROM results);
+
+-- name: prune_resolved_kept
+-- Kept-aside records go only once marked resolved, and once the run that last
+-- saw them is gone (or they were last seen before the cut-off).
+DELETE FROM persistence_kept_records
+WHERE resolved_at IS NOT NULL
+  AND (last_snapshot_id IS NULL
+       OR (%(before)s::timestamptz IS NOT NULL AND last_seen_at < %(before)s::timestamptz));

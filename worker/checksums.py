@@ -1,0 +1,86 @@
+"""Checksums of sessions and messages, the same whichever side computes them.
+
+A message's digest is blake2b-128 over a canonical form of its stored values
+(ID, created_at in epoch microseconds, role, content, tool_calls with sorted
+keys, player_id). A session's message checksum is the count of its messages
+and the sum of their digests modulo 2**128: the order of messages does not
+matter, and a backup that only adds messages updates it by adding theirs.
+
+The canonical form is computed in Python from parsed values, so a message read
+from Redis and the same message read back from PostgreSQL give the same
+digest: that is what lets `verify` compare the two sides message by message,
+and compare a recorded checksum with either side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from worker.models import MessageRow, Session
+
+MODULUS = 1 << 128
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _json_value(text: str | None) -> object:
+    # jsonb gives the value back with its keys reordered and other spacing:
+    # parse, so that both sides hash the value, not the text.
+    return None if text is None else orjson.loads(text)
+
+
+def message_digest(row: MessageRow) -> int:
+    """The digest of one message row (as stored: see models.MESSAGE_COLUMNS)."""
+    message_id, _session_id, created_at, role, content, tool_calls, player_id = row
+    canonical = orjson.dumps(
+        (message_id, _micros(created_at), role, content, _json_value(tool_calls), player_id),
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return int.from_bytes(hashlib.blake2b(canonical, digest_size=16).digest(), "big")
+
+
+def session_digest(session: Session) -> bytes:
+    """The digest of a session's own fields (as stored)."""
+    canonical = orjson.dumps(
+        (
+            session.id, session.name, session.creator_id, session.mcp_server_url,
+            session.websocket_key, _micros(session.created_at), _micros(session.updated_at),
+            session.max_players, _json_value(session.settings), session.status,
+            None if session.deleted_at is None else _micros(session.deleted_at),
+        ),
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class MessageChecksum:
+    """Count and sum (mod 2**128) of message digests: order-free, additive."""
+
+    count: int = 0
+    total: int = 0
+
+    def add(self, digest: int) -> None:
+        self.count += 1
+        self.total = (self.total + digest) % MODULUS
+
+    def merge(self, other: MessageChecksum) -> MessageChecksum:
+        return MessageChecksum(self.count + other.count, (self.total + other.total) % MODULUS)
+
+    def to_bytes(self) -> bytes:
+        return self.total.to_bytes(16, "big")
+
+    @classmethod
+    def from_stored(cls, count: int, total: bytes) -> MessageChecksum:
+        return cls(count, int.from_bytes(total, "big"))
+
+    def hex(self) -> str:
+        return f"{self.count}:{self.to_bytes().hex()}"

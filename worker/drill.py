@@ -1,0 +1,106 @@
+"""Restore drills: restore into another Redis (or another prefix), then verify it.
+
+This is how an operator proves that a backup restores, at no risk: the live
+data is never written. A drill runs in the process that starts it: sending the
+target's URL (and its password) through the broker would show it in Flower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis
+
+from worker.connections import redis_errors
+from worker.errors import InvalidArgument
+from worker.models import Run
+from worker.runner import Progress, restore_run, verify_run
+from worker.services import Services, redis_store
+from worker.settings import redact_url
+
+
+@dataclass(frozen=True, slots=True)
+class DrillReport:
+    restore: Run
+    verify: Run
+    target: str  # redacted URL and prefix
+    cleaned_up: int | None  # keys removed afterwards, when asked
+
+
+def run_drill(
+    services: Services,
+    *,
+    target_url: str | None,
+    target_prefix: str | None,
+    session_id: str | None = None,
+    force: bool = False,
+    cleanup: bool = False,
+    restore_progress: Progress | None = None,
+    verify_progress: Progress | None = None,
+) -> DrillReport:
+    """Restore (all sessions, or one) into the target, verify the target, report."""
+    settings = services.settings
+    url = target_url or settings.redis_url
+    prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
+    target = redis_store(settings, url=url, prefix=prefix)
+    try:
+        _refuse_live_target(services, target.client, url, prefix)
+        drill = Services(settings=settings, pg=services.pg, redis=target,
+                         worker_name=services.worker_name)
+        label = f"{redact_url(url)} prefix {prefix!r}"
+        details = {"drill": True, "target": label}
+        restored = restore_run(drill, session_id=session_id, force=force,
+                               progress=restore_progress, details=details)
+        verified = verify_run(drill, session_id=session_id, progress=verify_progress,
+                              details=details)
+        removed = _delete_prefix(target.client, url, prefix) if cleanup else None
+        return DrillReport(restore=restored, verify=verified, target=label, cleaned_up=removed)
+    finally:
+        target.client.close()
+
+
+def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefix: str) -> None:
+    """The target must not be the live data: another prefix, or another Redis."""
+    settings = services.settings
+    if prefix != settings.redis_key_prefix:
+        return
+    if not prefix:
+        raise InvalidArgument("a drill target needs a key prefix of its own (--target-prefix)")
+    # Same prefix: the target must be another server (or another database
+    # index). URLs can differ and still name one server (localhost and
+    # 127.0.0.1), so ask both servers who they are.
+    with redis_errors(url, "--target-redis"):
+        target_id = _identity(client, url)
+    with redis_errors(settings.redis_url):
+        live_id = _identity(services.redis.client, settings.redis_url)
+    if target_id == live_id:
+        raise InvalidArgument(
+            "the drill target is the live data (same Redis, same database, same prefix); "
+            "give another --target-prefix or another --target-redis"
+        )
+
+
+def _identity(client: redis.Redis, url: str) -> tuple[str, int]:
+    info = client.info("server")
+    path = urlsplit(url).path.strip("/")
+    database = int(path) if path.isdigit() else 0
+    return str(info["run_id"]), database
+
+
+def _delete_prefix(client: redis.Redis, url: str, prefix: str) -> int:
+    removed = 0
+    with redis_errors(url, "--target-redis"):
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{_glob_escape(prefix)}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += int(client.unlink(*batch))
+                batch.clear()
+        if batch:
+            removed += int(client.unlink(*batch))
+    return removed
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)

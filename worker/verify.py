@@ -1,0 +1,275 @@
+"""Verify: compare Redis and PostgreSQL, session by session. No Celery here.
+
+For each session, in a read-only transaction holding the session's lock (so
+no backup or restore of it is half-way through):
+
+- the session's fields, field by field;
+- its messages by ID, and their content by digest (worker/checksums.py): what
+  is in Redis but not in the backup, in the backup but not in Redis, and what
+  differs;
+- the backup's integrity: the messages PostgreSQL holds must still sum to the
+  checksum the last backup recorded, else the backup was changed or damaged
+  since.
+
+``quick`` compares what Redis holds with the recorded checksum only, without
+reading the messages back from PostgreSQL: cheap, and enough to tell that
+nothing changed since the last backup; any mismatch falls back to the full
+comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from worker.checksums import MessageChecksum, message_digest, session_digest
+from worker.errors import DndError, TransientError
+from worker.models import Session, SessionResult, SessionStatus
+from worker.pg_store import PostgresStore
+from worker.records import RecordRejected, parse_message, parse_session_hash
+from worker.redis_store import Probe, RedisStore
+
+EXAMPLES = 5  # message IDs listed per kind of difference
+COMPARED_FIELDS = ("name", "creator_id", "mcp_server_url", "websocket_key", "created_at",
+                   "updated_at", "max_players", "settings", "status", "deleted_at")
+
+
+@dataclass(slots=True)
+class SessionDiff:
+    """How one session in Redis compares with its backup."""
+
+    session_id: str
+    in_redis: bool = False
+    in_backup: bool = False
+    soft_deleted: bool = False
+    checked_by: str = "messages"  # or "checksum" (quick, and it matched)
+    fields_differ: list[str] = field(default_factory=list)
+    redis_unreadable: str | None = None  # the session hash cannot be read
+    messages_in_redis: int = 0
+    messages_in_backup: int = 0
+    missing_from_backup: int = 0
+    missing_from_redis: int = 0
+    different: int = 0
+    kept_aside: int = 0  # messages in Redis that cannot be stored (see kept records)
+    backup_damaged: bool = False
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def agrees(self) -> bool:
+        if self.soft_deleted and not self.in_redis:
+            return True
+        return (self.in_redis and self.in_backup and not self.fields_differ
+                and self.redis_unreadable is None and not self.missing_from_backup
+                and not self.missing_from_redis and not self.different
+                and not self.kept_aside and not self.backup_damaged)
+
+    def summary(self) -> str:
+        if self.agrees:
+            return "soft-deleted, not in Redis" if self.soft_deleted else "agree"
+        if not self.in_backup:
+            return "missing from the backup"
+        if not self.in_redis:
+            return "missing from Redis"
+        parts = []
+        if self.redis_unreadable:
+            parts.append(f"session in Redis unreadable ({self.redis_unreadable})")
+        if self.fields_differ:
+            parts.append(f"fields differ: {', '.join(self.fields_differ)}")
+        for count, what in ((self.missing_from_backup, "missing from the backup"),
+                            (self.missing_from_redis, "missing from Redis"),
+                            (self.different, "different"),
+                            (self.kept_aside, "kept aside (cannot be stored)")):
+            if count:
+                parts.append(f"{count} message(s) {what}")
+        if self.backup_damaged:
+            parts.append("backup damaged: its messages no longer match the recorded checksum")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["agrees"] = self.agrees
+        return data
+
+
+class VerifyEngine:
+    def __init__(
+        self,
+        redis_store: RedisStore,
+        pg: PostgresStore,
+        *,
+        chunk_messages: int = 5000,
+        shard_of: Callable[[str], int] | None = None,
+        worker_name: str | None = None,
+    ) -> None:
+        self.redis = redis_store
+        self.pg = pg
+        self.chunk = chunk_messages
+        self.shard_of = shard_of
+        self.worker_name = worker_name
+
+    def session_ids(self) -> list[str]:
+        """Every session in Redis's sessions set or (not soft-deleted) in PostgreSQL."""
+        from worker.records import classify_set_member
+
+        ids: set[str] = set()
+        for member in self.redis.session_members():
+            try:
+                ids.add(classify_set_member(member))
+            except RecordRejected:
+                continue  # not a session ID: backups keep such members aside
+        for page in self.pg.live_session_ids():
+            ids.update(page)
+        return sorted(ids)
+
+    def verify_batch(
+        self, run_id: str | None, session_ids: Sequence[str], *, quick: bool = False
+    ) -> list[SessionResult]:
+        """Compare sessions; results (with details) are recorded when ``run_id`` is set."""
+        ids = sorted(set(session_ids))
+        try:
+            results = self._attempt(ids, quick=quick)
+        except TransientError:
+            raise
+        except DndError as exc:
+            now = datetime.now(UTC)
+            results = [SessionResult(session_id=sid, status=SessionStatus.FAILED, error=str(exc),
+                                     shard=self._shard(sid), worker=self.worker_name,
+                                     finished_at=now) for sid in ids]
+        if run_id is not None:
+            self.pg.record_results(run_id, results)
+        return results
+
+    def _attempt(self, ids: list[str], *, quick: bool) -> list[SessionResult]:
+        results = []
+        with self.pg.transaction(read_only=True):
+            self.pg.lock_sessions(ids)
+            probes = self.redis.probe(ids, {})
+            sessions = self.pg.sessions(ids)
+            recorded = self.pg.checksums(ids)
+            for sid in ids:
+                started = time.monotonic()
+                diff = self._compare(sid, probes[sid], sessions.get(sid), recorded.get(sid),
+                                     quick=quick)
+                results.append(SessionResult(
+                    session_id=sid,
+                    status=SessionStatus.COMPLETED if diff.agrees else SessionStatus.DIFFERENT,
+                    messages=max(diff.messages_in_redis, diff.messages_in_backup),
+                    duration_ms=round((time.monotonic() - started) * 1000),
+                    error=None if diff.agrees else diff.summary(),
+                    shard=self._shard(sid),
+                    worker=self.worker_name,
+                    finished_at=datetime.now(UTC),
+                    details=diff.as_dict(),
+                ))
+        return results
+
+    def _compare(self, sid: str, probe: Probe, stored: Session | None,
+                 recorded: tuple[MessageChecksum, bytes] | None, *, quick: bool) -> SessionDiff:
+        if probe.error is not None:
+            raise DndError(f"cannot read session {sid} from Redis: {probe.error}")
+        diff = SessionDiff(session_id=sid, in_redis=probe.exists, in_backup=stored is not None)
+        if stored is not None and stored.deleted_at is not None:
+            diff.soft_deleted = True
+            if not probe.exists:
+                return diff
+        live: Session | None = None
+        if probe.fields:
+            try:
+                live, lossy = parse_session_hash(sid, probe.fields)
+            except RecordRejected as rejected:
+                diff.redis_unreadable = rejected.reason
+            else:
+                if lossy:  # fields with no column: kept aside by backups, not stored
+                    diff.kept_aside += 1
+        redis_digests, redis_sum = self._redis_messages(sid, diff) if probe.exists else ({}, None)
+        if stored is None:
+            diff.messages_in_redis = len(redis_digests)
+            return diff
+        if live is not None:
+            diff.fields_differ = _differing_fields(live, stored)
+        if (quick and recorded is not None and redis_sum is not None
+                and redis_sum == recorded[0] and live is not None
+                and session_digest(live) == recorded[1]):
+            diff.checked_by = "checksum"
+            diff.messages_in_backup = recorded[0].count
+            return diff
+        backup_sum = MessageChecksum()
+        seen: set[str] = set()
+        for row in self.pg.stream_message_rows([sid]):
+            digest = message_digest(row)
+            backup_sum.add(digest)
+            message_id = row[0]
+            seen.add(message_id)
+            in_redis = redis_digests.get(message_id)
+            if in_redis is None:
+                diff.missing_from_redis += 1
+                _example(diff, "missing_from_redis", message_id)
+            elif in_redis != digest:
+                diff.different += 1
+                _example(diff, "different", message_id)
+        diff.messages_in_backup = backup_sum.count
+        for message_id in redis_digests.keys() - seen:
+            diff.missing_from_backup += 1
+            _example(diff, "missing_from_backup", message_id)
+        if recorded is not None and recorded[0] != backup_sum:
+            diff.backup_damaged = True
+        return diff
+
+    def _redis_messages(self, sid: str, diff: SessionDiff) -> tuple[dict[str, int], MessageChecksum]:
+        digests: dict[str, int] = {}
+        total = MessageChecksum()
+        for page in self.redis.read_messages(sid, None, self.chunk):
+            for raw, _score in page:
+                try:
+                    row, lossy = parse_message(sid, raw)
+                except RecordRejected:
+                    diff.kept_aside += 1
+                    _example(diff, "kept_aside", _peek_id(raw))
+                    continue
+                if lossy:  # stored without its unknown keys, which were kept aside
+                    diff.kept_aside += 1
+                    _example(diff, "kept_aside", row[0])
+                if row[0] in digests:
+                    # Two members with one ID: the backup keeps the first.
+                    diff.kept_aside += 1
+                    _example(diff, "kept_aside", row[0])
+                    continue
+                digest = message_digest(row)
+                digests[row[0]] = digest
+                total.add(digest)
+        diff.messages_in_redis = len(digests)
+        return digests, total
+
+    def _shard(self, sid: str) -> int | None:
+        return self.shard_of(sid) if self.shard_of else None
+
+
+def _differing_fields(live: Session, stored: Session) -> list[str]:
+    differing = []
+    for name in COMPARED_FIELDS:
+        left, right = getattr(live, name), getattr(stored, name)
+        if name == "settings":
+            left = None if left is None else orjson.loads(left)
+            right = None if right is None else orjson.loads(right)
+        if left != right:
+            differing.append(name)
+    return differing
+
+
+def _example(diff: SessionDiff, kind: str, message_id: str | None) -> None:
+    listed = diff.examples.setdefault(kind, [])
+    if len(listed) < EXAMPLES and message_id:
+        listed.append(message_id)
+
+
+def _peek_id(raw: bytes) -> str | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return str(value["id"])[:100] if isinstance(value, dict) and "id" in value else None
