@@ -263,10 +263,10 @@ def bench_database(admin_url: str, keep: bool) -> Iterator[str]:
 def settle(conn: psycopg.Connection[Any], *, empty: bool = False) -> None:
     """Make each timed phase start from the same server state (untimed).
 
-    ``empty``: TRUNCATE client_sessions, and with it (FK CASCADE) client_messages and
-    backup_watermarks: empty tables, their real indexes. VACUUM ANALYZE: hint bits,
-    visibility map and statistics for the rows just written, as autovacuum would leave
-    them. CHECKPOINT: no dirty buffers or WAL debt carried into the next phase.
+    ``empty``: TRUNCATE client_sessions, and with it (FK CASCADE) client_messages and the
+    per-session tables (watermarks, ...): empty, with their real indexes. VACUUM ANALYZE:
+    hint bits, visibility map and statistics for the rows just written, as autovacuum
+    would leave them. CHECKPOINT: no dirty buffers or WAL debt carried into the next phase.
     """
     if empty:
         conn.execute("TRUNCATE client_sessions CASCADE")

@@ -42,7 +42,7 @@ SERVICE_NAMES = {
 }
 SERVICE_HELP = {
     "DND_TEST_DATABASE_URL": "a PostgreSQL server where tests may create databases, e.g. "
-                             "postgresql://postgres@127.0.0.1:5432/postgres",
+    "postgresql://postgres@127.0.0.1:5432/postgres",
     "DND_TEST_REDIS_URL": "a Redis server, e.g. redis://127.0.0.1:6379/0",
     "DND_TEST_AMQP_URL": "a RabbitMQ server, e.g. amqp://guest:guest@127.0.0.1:5672//",
 }
@@ -147,8 +147,11 @@ def _admin(admin_url: str) -> psycopg.Connection[Any]:
 def create_database(admin_url: str, name: str, template: str | None = None) -> str:
     with _admin(admin_url) as conn:
         if template:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template)))
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
         else:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return database_url_for(admin_url, name)
@@ -156,8 +159,9 @@ def create_database(admin_url: str, name: str, template: str | None = None) -> s
 
 def drop_database(admin_url: str, name: str) -> None:
     with _admin(admin_url) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(scope="session")

@@ -46,8 +46,9 @@ def session_fields(session_id: str | None = None, **overrides: Any) -> dict[str,
     return fields
 
 
-def message(session_id: str, index: int = 0, *, created_at: datetime | None = None,
-            **overrides: Any) -> dict[str, Any]:
+def message(
+    session_id: str, index: int = 0, *, created_at: datetime | None = None, **overrides: Any
+) -> dict[str, Any]:
     """A valid message object; overrides replace keys."""
     when = created_at or BASE_TIME + timedelta(seconds=index, microseconds=index * 7 % 1000)
     data: dict[str, Any] = {
@@ -71,24 +72,34 @@ def score_of(created_at: str) -> int:
     return (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
 
 
-def write_session(client: redis.Redis, keys: RedisKeys, fields: Mapping[str, str],
-                  messages: Iterable[Mapping[str, Any] | bytes] = (), *,
-                  listed: bool = True) -> str:
+def write_session(
+    client: redis.Redis,
+    keys: RedisKeys,
+    fields: Mapping[str, str],
+    messages: Iterable[Mapping[str, Any] | bytes] = (),
+    *,
+    listed: bool = True,
+) -> str:
     """Write a session hash, its messages and its set membership; returns its ID."""
     sid = fields["id"]
     pipe = client.pipeline(transaction=False)
     if listed:
         pipe.sadd(keys.sessions, sid)
     if fields:
-        pipe.hset(keys.session(sid), mapping=dict(fields))
+        pipe.hset(keys.session(sid), mapping=dict(fields))  # type: ignore[arg-type]
     add_messages(pipe, keys, sid, messages)
     pipe.execute()
     return sid
 
 
-def add_messages(client: Any, keys: RedisKeys, session_id: str,
-                 messages: Iterable[Mapping[str, Any] | bytes], *,
-                 score: float | None = None) -> None:
+def add_messages(
+    client: Any,
+    keys: RedisKeys,
+    session_id: str,
+    messages: Iterable[Mapping[str, Any] | bytes],
+    *,
+    score: float | None = None,
+) -> None:
     """ZADD messages (dicts are JSON-encoded; bytes go in as they are)."""
     members: dict[bytes, float] = {}
     for item in messages:
@@ -97,18 +108,23 @@ def add_messages(client: Any, keys: RedisKeys, session_id: str,
         else:
             member = json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
             created = item.get("created_at")
-            members[member] = score if score is not None else (
-                score_of(created) if isinstance(created, str) else 0)
+            members[member] = (
+                score
+                if score is not None
+                else (score_of(created) if isinstance(created, str) else 0)
+            )
     if members:
         client.zadd(keys.messages(session_id), members)
 
 
-def make_sessions(client: redis.Redis, keys: RedisKeys, count: int,
-                  messages_each: int) -> list[str]:
+def make_sessions(
+    client: redis.Redis, keys: RedisKeys, count: int, messages_each: int
+) -> list[str]:
     ids = []
     for _ in range(count):
         sid = new_id()
-        write_session(client, keys, session_fields(sid),
-                      [message(sid, i) for i in range(messages_each)])
+        write_session(
+            client, keys, session_fields(sid), [message(sid, i) for i in range(messages_each)]
+        )
         ids.append(sid)
     return ids

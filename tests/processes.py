@@ -23,8 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def base_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DND_", "CELERY_"))}
-    for name in ("DATABASE_URL", "REDIS_URL", "REDIS_KEY_PREFIX", "POSTGRES_HOST",
-                 "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DBNAME", "BACKUP_SCHEDULE"):
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "REDIS_KEY_PREFIX",
+        "POSTGRES_HOST",
+        "POSTGRES_USER",
+        "POSTGRES_PASSWORD",
+        "POSTGRES_DBNAME",
+        "BACKUP_SCHEDULE",
+    ):
         env.pop(name, None)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
@@ -79,12 +87,27 @@ class CeleryProcess:
         return self.proc.poll() is None
 
 
-def start_worker(env: Mapping[str, str], log_dir: Path, *, name: str | None = None,
-                 concurrency: int = 1, queues: list[str] | None = None,
-                 extra: list[str] | None = None) -> CeleryProcess:
+def start_worker(
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    name: str | None = None,
+    concurrency: int = 1,
+    queues: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> CeleryProcess:
     name = name or f"w{uuid.uuid4().hex[:6]}"
-    args = ["worker", "-n", f"{name}@%h", "-c", str(concurrency), "--loglevel", "INFO",
-            "--without-mingle", "--without-gossip"]
+    args = [
+        "worker",
+        "-n",
+        f"{name}@%h",
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ]
     if queues:
         args += ["-Q", ",".join(queues)]
     worker = CeleryProcess(env, log_dir, args + (extra or []), name)
@@ -102,19 +125,30 @@ def start_beat(env: Mapping[str, str], log_dir: Path, name: str = "beat") -> Cel
 def run_python(env: Mapping[str, str], code: str, timeout: float = 120) -> Any:
     """Run ``code`` as application code would (its own process); it prints JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=base_env(env), capture_output=True,
-        text=True, timeout=timeout, check=False,
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=base_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if done.returncode != 0:
         raise AssertionError(f"exit {done.returncode}\nstdout:{done.stdout}\nstderr:{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_cli(env: Mapping[str, str], *args: str, timeout: float = 180,
-            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: Mapping[str, str], *args: str, timeout: float = 180, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """`dnd-client ARGS` as a user types it (through bin/dnd-client of the checkout)."""
     return subprocess.run(
-        [sys.executable, str(REPO / "bin" / "dnd-client"), *args], cwd=REPO,
-        env=base_env(env), capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, str(REPO / "bin" / "dnd-client"), *args],
+        cwd=REPO,
+        env=base_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
         input=stdin,
     )

@@ -226,8 +226,15 @@ class BackupEngine:
                 if probe.listed
                 else f"has {probe.message_count} messages but no session hash"
             )
-            work.keep(KeptRecord(kind="session_id", redis_key=self.keys.session(sid),
-                                 raw=sid.encode(), reason=reason, session_id=sid))
+            work.keep(
+                KeptRecord(
+                    kind="session_id",
+                    redis_key=self.keys.session(sid),
+                    raw=sid.encode(),
+                    reason=reason,
+                    session_id=sid,
+                )
+            )
         else:
             digest = hash_digest(probe.fields)
             if full or mark is None or mark.hash_digest != digest:
@@ -263,8 +270,13 @@ class BackupEngine:
         return work
 
     def _kept_hash(self, sid: str, fields: dict[bytes, bytes], reason: str) -> KeptRecord:
-        return KeptRecord(kind="session", redis_key=self.keys.session(sid),
-                          raw=encode_raw_hash(fields), reason=reason, session_id=sid)
+        return KeptRecord(
+            kind="session",
+            redis_key=self.keys.session(sid),
+            raw=encode_raw_hash(fields),
+            reason=reason,
+            session_id=sid,
+        )
 
     # -- moving messages ----------------------------------------------------
 
@@ -315,8 +327,10 @@ class BackupEngine:
             work.stored += outcome.stored
             for message_id, owner in outcome.rejected.items():
                 _row, raw, score = chunk[message_id]
-                reason = _DUPLICATE if owner == "duplicate" else (
-                    f"message id {message_id} is already stored for session {owner}"
+                reason = (
+                    _DUPLICATE
+                    if owner == "duplicate"
+                    else (f"message id {message_id} is already stored for session {owner}")
                 )
                 work.keep(self._kept_message(sid, key, raw, score, reason))
             work.read += len(page)
@@ -326,8 +340,15 @@ class BackupEngine:
     def _kept_message(
         self, sid: str, key: str, raw: bytes, score: float, reason: str
     ) -> KeptRecord:
-        return KeptRecord(kind="message", redis_key=key, raw=raw, reason=reason, session_id=sid,
-                          message_id=_peek_message_id(raw), score=score)
+        return KeptRecord(
+            kind="message",
+            redis_key=key,
+            raw=raw,
+            reason=reason,
+            session_id=sid,
+            message_id=_peek_message_id(raw),
+            score=score,
+        )
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -338,8 +359,11 @@ class BackupEngine:
         digests were summed as they were written); after a merge, or when no
         checksum was recorded yet, the session's rows are read back and summed.
         """
-        in_pg = [w for w in works if not w.failed and not w.skipped
-                 and (w.session is not None or w.mark is not None)]
+        in_pg = [
+            w
+            for w in works
+            if not w.failed and not w.skipped and (w.session is not None or w.mark is not None)
+        ]
         if not in_pg:
             return
         recorded = self.pg.checksums([w.session_id for w in in_pg])
@@ -347,14 +371,18 @@ class BackupEngine:
         recount: list[_SessionWork] = []
         for work in in_pg:
             old = recorded.get(work.session_id)
+            if work.plan is MessagePlan.NEW and work.session is not None:
+                # Nothing of it was in PostgreSQL: what was written is all it holds.
+                work.checksum = work.written
+                updates.append((work.session_id, work.written, session_digest(work.session)))
+                continue
             if old is None or work.plan is MessagePlan.MERGE:
                 recount.append(work)
                 continue
             old_messages, old_session = old
             if work.plan is MessagePlan.NONE and work.session is None:
                 continue  # nothing stored changed
-            messages = work.written if work.plan is MessagePlan.NEW else (
-                old_messages.merge(work.written))
+            messages = old_messages.merge(work.written)
             digest = session_digest(work.session) if work.session else old_session
             work.checksum = messages
             updates.append((work.session_id, messages, digest))
@@ -367,8 +395,9 @@ class BackupEngine:
             for work in recount:
                 if work.session_id in sessions:
                     work.checksum = sums[work.session_id]
-                    updates.append((work.session_id, work.checksum,
-                                    session_digest(sessions[work.session_id])))
+                    updates.append(
+                        (work.session_id, work.checksum, session_digest(sessions[work.session_id]))
+                    )
         self.pg.save_checksums(updates, run_id)
 
     def _next_watermark(self, work: _SessionWork) -> Watermark | None:

@@ -16,17 +16,21 @@ from worker.errors import ConfigError
 from worker.settings import Settings
 
 # Tasks whose first argument is a session ID: routed to the session's shard.
-PER_SESSION_TASKS = frozenset({
-    "worker.tasks.backup_session",
-    "worker.tasks.restore_session",
-    "worker.tasks.verify_session",
-})
+PER_SESSION_TASKS = frozenset(
+    {
+        "worker.tasks.backup_session",
+        "worker.tasks.restore_session",
+        "worker.tasks.verify_session",
+    }
+)
 # Tasks that carry a `shard` argument (batches of one shard's sessions).
-PER_SHARD_TASKS = frozenset({
-    "worker.tasks.backup_batch",
-    "worker.tasks.restore_batch",
-    "worker.tasks.verify_batch",
-})
+PER_SHARD_TASKS = frozenset(
+    {
+        "worker.tasks.backup_batch",
+        "worker.tasks.restore_batch",
+        "worker.tasks.verify_batch",
+    }
+)
 
 
 def default_queue(settings: Settings) -> str:
@@ -64,8 +68,13 @@ def parse_schedule(text: str, variable: str) -> Any:
         )
     minute, hour, day_of_month, month_of_year, day_of_week = fields
     try:
-        return crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                       month_of_year=month_of_year, day_of_week=day_of_week)
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day_of_month,
+            month_of_year=month_of_year,
+            day_of_week=day_of_week,
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{variable} is not a valid crontab line ({text!r}): {exc}") from None
 
@@ -185,8 +194,9 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
     return entries
 
 
-def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
-               **_: Any) -> dict[str, str] | None:
+def route_task(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, str] | None:
     """Send every task about a session to its shard's queue (a pure function of its ID)."""
     from worker.records import parse_session_id
     from worker.settings import get_settings

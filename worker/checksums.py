@@ -2,9 +2,10 @@
 
 A message's digest is blake2b-128 over a canonical form of its stored values
 (ID, created_at in epoch microseconds, role, content, tool_calls with sorted
-keys, player_id). A session's message checksum is the count of its messages
-and the sum of their digests modulo 2**128: the order of messages does not
-matter, and a backup that only adds messages updates it by adding theirs.
+keys and numbers as jsonb writes them, player_id). A session's message
+checksum is the count of its messages and the sum of their digests modulo
+2**128: the order of messages does not matter, and a backup that only adds
+messages updates it by adding theirs.
 
 The canonical form is computed in Python from parsed values, so a message read
 from Redis and the same message read back from PostgreSQL give the same
@@ -15,8 +16,10 @@ and compare a recorded checksum with either side.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 
 import orjson
 
@@ -34,7 +37,18 @@ def _micros(value: datetime) -> int:
 def _json_value(text: str | None) -> object:
     # jsonb gives the value back with its keys reordered and other spacing:
     # parse, so that both sides hash the value, not the text.
-    return None if text is None else orjson.loads(text)
+    return None if text is None else json.loads(text, parse_float=_number, parse_int=_number)
+
+
+def _number(text: str) -> orjson.Fragment:
+    # jsonb keeps numbers as numeric and writes them back in plain decimal
+    # notation (1e+16 -> 10000000000000000, -0.0 -> 0.0), which orjson would
+    # read back as another type than the float Redis held: hash every number
+    # as jsonb writes it.
+    value = Decimal(text)
+    if value.is_zero():
+        value = value.copy_abs()
+    return orjson.Fragment(format(value, "f"))
 
 
 def message_digest(row: MessageRow) -> int:
@@ -51,9 +65,16 @@ def session_digest(session: Session) -> bytes:
     """The digest of a session's own fields (as stored)."""
     canonical = orjson.dumps(
         (
-            session.id, session.name, session.creator_id, session.mcp_server_url,
-            session.websocket_key, _micros(session.created_at), _micros(session.updated_at),
-            session.max_players, _json_value(session.settings), session.status,
+            session.id,
+            session.name,
+            session.creator_id,
+            session.mcp_server_url,
+            session.websocket_key,
+            _micros(session.created_at),
+            _micros(session.updated_at),
+            session.max_players,
+            _json_value(session.settings),
+            session.status,
             None if session.deleted_at is None else _micros(session.deleted_at),
         ),
         option=orjson.OPT_SORT_KEYS,

@@ -96,6 +96,10 @@ def connect_redis(url: str, *, setting: str = "REDIS_URL") -> redis.Redis:
     """A Redis client for the application's data: raw bytes in, raw bytes out."""
     client = redis.Redis.from_url(
         url,
+        # RESP2: redis-py 8 speaks RESP3 by default, where every zset score of a
+        # backup's reads goes through a slow conversion in Python (measured:
+        # 0.95 -> 0.57 us per message read with RESP2).
+        protocol=2,
         decode_responses=False,
         socket_connect_timeout=10,
         socket_timeout=120,
@@ -135,9 +139,10 @@ def postgres_errors(settings: Settings) -> Iterator[None]:
             "PostgreSQL cancelled a statement (DATABASE_STATEMENT_TIMEOUT_MS is "
             f"{settings.statement_timeout_ms} ms): {scrub(one_line(str(exc)), settings)}"
         ) from exc
-    except psycopg.errors.UndefinedTable as exc:
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        # No tables at all, or a migration this code needs is still pending.
         raise SchemaNotReady(
-            "the database has no backup tables yet; run `dnd-client migrate up` "
+            "the database schema is missing or out of date; run `dnd-client migrate up` "
             f"({scrub(one_line(str(exc)), settings)})"
         ) from exc
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:

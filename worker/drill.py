@@ -8,15 +8,16 @@ target's URL (and its password) through the broker would show it in Flower.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import redis
 
-from worker.connections import redis_errors
+from worker.connections import connect_redis, redis_errors
 from worker.errors import InvalidArgument
+from worker.keys import RedisKeys
 from worker.models import Run
+from worker.redis_store import RedisStore
 from worker.runner import Progress, restore_run, verify_run
-from worker.services import Services, redis_store
+from worker.services import Services
 from worker.settings import redact_url
 
 
@@ -43,17 +44,22 @@ def run_drill(
     settings = services.settings
     url = target_url or settings.redis_url
     prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
-    target = redis_store(settings, url=url, prefix=prefix)
+    # An error connecting names the option that gave the URL, not REDIS_URL.
+    setting = "--target-redis" if target_url else "REDIS_URL"
+    target = RedisStore(connect_redis(url, setting=setting), RedisKeys(prefix), url)
     try:
         _refuse_live_target(services, target.client, url, prefix)
-        drill = Services(settings=settings, pg=services.pg, redis=target,
-                         worker_name=services.worker_name)
+        drill = Services(
+            settings=settings, pg=services.pg, redis=target, worker_name=services.worker_name
+        )
         label = f"{redact_url(url)} prefix {prefix!r}"
         details = {"drill": True, "target": label}
-        restored = restore_run(drill, session_id=session_id, force=force,
-                               progress=restore_progress, details=details)
-        verified = verify_run(drill, session_id=session_id, progress=verify_progress,
-                              details=details)
+        restored = restore_run(
+            drill, session_id=session_id, force=force, progress=restore_progress, details=details
+        )
+        verified = verify_run(
+            drill, session_id=session_id, progress=verify_progress, details=details
+        )
         removed = _delete_prefix(target.client, url, prefix) if cleanup else None
         return DrillReport(restore=restored, verify=verified, target=label, cleaned_up=removed)
     finally:
@@ -63,28 +69,33 @@ def run_drill(
 def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefix: str) -> None:
     """The target must not be the live data: another prefix, or another Redis."""
     settings = services.settings
-    if prefix != settings.redis_key_prefix:
+    live = settings.redis_key_prefix
+    # Prefixes apart: no key of one is a key of the other. One that starts
+    # with the other shares keys with it: the restore would write among the
+    # live keys, and --cleanup (which deletes `{prefix}*`) would delete some.
+    if not (prefix.startswith(live) or live.startswith(prefix)):
         return
-    if not prefix:
+    if not prefix and not live:
         raise InvalidArgument("a drill target needs a key prefix of its own (--target-prefix)")
-    # Same prefix: the target must be another server (or another database
-    # index). URLs can differ and still name one server (localhost and
-    # 127.0.0.1), so ask both servers who they are.
+    # The target must be another server (or another database index). URLs can
+    # differ and still name one server (localhost and 127.0.0.1), so ask both
+    # servers who they are.
     with redis_errors(url, "--target-redis"):
-        target_id = _identity(client, url)
+        target_id = _identity(client)
     with redis_errors(settings.redis_url):
-        live_id = _identity(services.redis.client, settings.redis_url)
+        live_id = _identity(services.redis.client)
     if target_id == live_id:
+        same = "same prefix" if prefix == live else f"prefix {prefix!r} overlaps {live!r}"
         raise InvalidArgument(
-            "the drill target is the live data (same Redis, same database, same prefix); "
+            f"the drill target is the live data (same Redis, same database, {same}); "
             "give another --target-prefix or another --target-redis"
         )
 
 
-def _identity(client: redis.Redis, url: str) -> tuple[str, int]:
+def _identity(client: redis.Redis) -> tuple[str, int]:
     info = client.info("server")
-    path = urlsplit(url).path.strip("/")
-    database = int(path) if path.isdigit() else 0
+    # The database the client uses (redis-py reads ?db= before the URL's path).
+    database = int(client.connection_pool.connection_kwargs.get("db") or 0)
     return str(info["run_id"]), database
 
 

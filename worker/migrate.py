@@ -41,8 +41,10 @@ def migrations_dir() -> Path:
     for candidate in (package / "_migrations", package.parent / "migrations"):
         if candidate.is_dir():
             return candidate
-    raise ConfigError(f"no migrations folder found (looked in {package / '_migrations'} "
-                      f"and {package.parent / 'migrations'})")
+    raise ConfigError(
+        f"no migrations folder found (looked in {package / '_migrations'} "
+        f"and {package.parent / 'migrations'})"
+    )
 
 
 def yoyo_url(database_url: str) -> str:
@@ -75,10 +77,7 @@ def status(settings: Settings) -> list[MigrationState]:
     migrations = _migrations()
     with _backend(settings) as backend, postgres_errors(settings):
         applied_at = _applied_at(backend)
-        return [
-            MigrationState(m.id, m.id in applied_at, applied_at.get(m.id))
-            for m in migrations
-        ]
+        return [MigrationState(m.id, m.id in applied_at, applied_at.get(m.id)) for m in migrations]
 
 
 def up(settings: Settings) -> list[str]:

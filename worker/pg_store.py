@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 import psycopg.errors
-from psycopg import sql
 
 from worker.checksums import MessageChecksum
 from worker.connections import one_line, postgres_errors
@@ -142,8 +141,9 @@ class PostgresStore:
         with postgres_errors(self.settings):
             rows = self.conn.execute(QUERIES["watermarks"], {"ids": list(session_ids)}).fetchall()
         return {
-            row[0]: Watermark(session_id=row[0], hash_digest=row[1], message_count=row[2],
-                              max_score=row[3])
+            row[0]: Watermark(
+                session_id=row[0], hash_digest=row[1], message_count=row[2], max_score=row[3]
+            )
             for row in rows
         }
 
@@ -275,8 +275,7 @@ class PostgresStore:
         with postgres_errors(self.settings):
             rows = self.conn.execute(QUERIES["checksums"], {"ids": list(session_ids)})
             return {
-                row[0]: (MessageChecksum.from_stored(row[1], row[2]), bytes(row[3]))
-                for row in rows
+                row[0]: (MessageChecksum.from_stored(row[1], row[2]), bytes(row[3])) for row in rows
             }
 
     def save_checksums(
@@ -305,22 +304,15 @@ class PostgresStore:
             cur.copy(QUERIES["message_rows"], {"ids": list(session_ids)}) as copy,
         ):
             copy.set_types(["text", "text", "timestamptz", "text", "text", "text", "text"])
-            for row in copy.rows():
-                yield row
+            yield from copy.rows()
 
     # -- restore ------------------------------------------------------------
 
     def sessions(self, session_ids: Sequence[str]) -> dict[str, Session]:
         with postgres_errors(self.settings):
             rows = self.conn.execute(QUERIES["sessions"], {"ids": list(session_ids)}).fetchall()
-        return {
-            row[0]: Session(
-                id=row[0], name=row[1], creator_id=row[2], mcp_server_url=row[3],
-                websocket_key=row[4], created_at=row[5], updated_at=row[6], max_players=row[7],
-                settings=row[8], status=row[9], deleted_at=row[10],
-            )
-            for row in rows
-        }
+        # The query selects the columns in the order of Session's fields.
+        return {row[0]: Session(*row) for row in rows}
 
     def live_session_ids(self, page_size: int = 5000) -> Iterator[list[str]]:
         """IDs of the sessions a restore may bring back, in pages, in ID order."""
@@ -359,8 +351,8 @@ class PostgresStore:
             self.conn.cursor() as cur,
             cur.copy(QUERIES["restore_members"], {"ids": list(session_ids)}) as copy,
         ):
-                copy.set_types(["text", "bytea", "int8"])
-                yield from copy.rows()
+            copy.set_types(["text", "bytea", "int8"])
+            yield from copy.rows()
 
     # -- runs ---------------------------------------------------------------
 
@@ -377,8 +369,13 @@ class PostgresStore:
     ) -> Run:
         """Insert a `running` run row (see ensure_run); returns it."""
         run, _created = self.ensure_run(
-            kind, scope, run_id=run_id or str(uuid.uuid4()), forced=forced,
-            expected_sessions=expected_sessions, kept=kept, details=details,
+            kind,
+            scope,
+            run_id=run_id or str(uuid.uuid4()),
+            forced=forced,
+            expected_sessions=expected_sessions,
+            kept=kept,
+            details=details,
         )
         return run
 
@@ -491,15 +488,23 @@ class PostgresStore:
             rows = self.conn.execute(QUERIES["run_results"], {"id": run_id}).fetchall()
         return [
             SessionResult(
-                session_id=row[0], status=SessionStatus(row[1]), messages=row[2], kept=row[3],
-                duration_ms=row[4], error=row[5], shard=row[6], worker=row[7],
-                finished_at=row[8], details=row[9],
+                session_id=row[0],
+                status=SessionStatus(row[1]),
+                messages=row[2],
+                kept=row[3],
+                duration_ms=row[4],
+                error=row[5],
+                shard=row[6],
+                worker=row[7],
+                finished_at=row[8],
+                details=row[9],
             )
             for row in rows
         ]
 
-    def prune(self, *, keep: int | None, before: datetime | None,
-              dry_run: bool = False) -> dict[str, int]:
+    def prune(
+        self, *, keep: int | None, before: datetime | None, dry_run: bool = False
+    ) -> dict[str, int]:
         """Remove old run records (see queries.sql); counts of what went (or would go)."""
         if keep is None and before is None:
             raise ValueError("prune needs keep or before")
@@ -512,22 +517,30 @@ class PostgresStore:
             with self.conn.cursor() as cur:
                 cur.execute(QUERIES["prune_resolved_kept"], params)
                 kept = cur.rowcount
-            counts = {"runs": int(row[0]), "session_results": int(row[1]),
-                      "resolved_kept_records": kept}
-        return counts
-
-    def execute_script(self, query: sql.Composable | str) -> None:
-        """Run a statement built with psycopg.sql (tests and maintenance only)."""
-        with postgres_errors(self.settings):
-            self.conn.execute(query)  # type: ignore[arg-type]
+            return {
+                "runs": int(row[0]),
+                "session_results": int(row[1]),
+                "resolved_kept_records": kept,
+            }
 
 
 def _run(row: Sequence[Any]) -> Run:
     return Run(
-        id=row[0], kind=row[1], scope=row[2], status=RunStatus(row[3]), created_at=row[4],
-        finished_at=row[5], session_count=row[6], message_count=row[7], kept_count=row[8],
-        failed_count=row[9], duration_ms=row[10], error=row[11], forced=row[12],
-        expected_sessions=row[13], details=row[14] or {},
+        id=row[0],
+        kind=row[1],
+        scope=row[2],
+        status=RunStatus(row[3]),
+        created_at=row[4],
+        finished_at=row[5],
+        session_count=row[6],
+        message_count=row[7],
+        kept_count=row[8],
+        failed_count=row[9],
+        duration_ms=row[10],
+        error=row[11],
+        forced=row[12],
+        expected_sessions=row[13],
+        details=row[14] or {},
     )
 
 
@@ -554,4 +567,3 @@ def _unique_records(records: Iterable[KeptRecord]) -> list[KeptRecord]:
     for record in records:
         seen[(record.redis_key, hashlib.sha256(record.raw).digest())] = record
     return list(seen.values())
-

@@ -79,8 +79,12 @@ def task_services(worker_name: str) -> Iterator[Services]:
     if _redis is None:
         _redis = redis_store(settings)
     with _connection(_pool, settings) as conn, postgres_errors(settings):
-        yield Services(settings=settings, pg=PostgresStore(conn, settings), redis=_redis,
-                       worker_name=worker_name)
+        yield Services(
+            settings=settings,
+            pg=PostgresStore(conn, settings),
+            redis=_redis,
+            worker_name=worker_name,
+        )
 
 
 @contextlib.contextmanager

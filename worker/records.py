@@ -216,28 +216,34 @@ def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
     if owner != session_id:
         if owner is None:
             raise RecordRejected("message has no session_id")
-        raise RecordRejected(f"message belongs to session {_clip(str(owner))!r}, "
-                             f"but is stored under session {session_id}")
+        raise RecordRejected(
+            f"message belongs to session {_clip(str(owner))!r}, "
+            f"but is stored under session {session_id}"
+        )
     created_at = parse_timestamp(obj.get("created_at"), "message created_at")
     role = obj.get("role")
     if type(role) is not str or role not in _ROLES:
         if role is None:
             raise RecordRejected("message has no role")
-        raise RecordRejected(f"message role must be one of system, user, assistant, tool "
-                             f"(got {_clip(str(role))!r})")
+        raise RecordRejected(
+            f"message role must be one of system, user, assistant, tool (got {_clip(str(role))!r})"
+        )
     content = obj.get("content")
     if content is not None:
         if type(content) is not str:
-            raise RecordRejected(f"message content must be a string or null "
-                                 f"(got {_json_type(content)})")
+            raise RecordRejected(
+                f"message content must be a string or null (got {_json_type(content)})"
+            )
         if "\x00" in content:
-            raise RecordRejected("message content contains a NUL byte, which PostgreSQL "
-                                 "text cannot hold")
+            raise RecordRejected(
+                "message content contains a NUL byte, which PostgreSQL text cannot hold"
+            )
     player_id = obj.get("player_id")
     if player_id is not None:
         if type(player_id) is not str:
-            raise RecordRejected(f"message player_id must be a string or null "
-                                 f"(got {_json_type(player_id)})")
+            raise RecordRejected(
+                f"message player_id must be a string or null (got {_json_type(player_id)})"
+            )
         if "\x00" in player_id:
             raise RecordRejected("message player_id contains a NUL byte")
     tool_calls = obj.get("tool_calls")
@@ -247,8 +253,9 @@ def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
         if "e+" in tool_calls_json:
             tool_calls_json = _exact_json(raw, "tool_calls")
         if "\\u0000" in tool_calls_json and _JSON_NUL_RE.search(tool_calls_json):
-            raise RecordRejected("message tool_calls contains a NUL character, which "
-                                 "PostgreSQL jsonb cannot hold")
+            raise RecordRejected(
+                "message tool_calls contains a NUL character, which PostgreSQL jsonb cannot hold"
+            )
     row = (message_id, session_id, created_at, role, content, tool_calls_json, player_id)
     return row, lossy
 
@@ -298,18 +305,23 @@ def parse_session_hash(
         except UnicodeDecodeError:
             raise RecordRejected(f"session field {key!r} is not valid UTF-8") from None
         if "\x00" in value:
-            raise RecordRejected(f"session field {key!r} contains a NUL byte, which "
-                                 "PostgreSQL text cannot hold")
+            raise RecordRejected(
+                f"session field {key!r} contains a NUL byte, which PostgreSQL text cannot hold"
+            )
         text[key] = value
     missing = [name for name in SESSION_REQUIRED if not text.get(name)]
     if missing:
         raise RecordRejected(f"session hash is missing required fields: {', '.join(missing)}")
     if text["id"] != session_id:
-        raise RecordRejected(f"session hash id {_clip(text['id'])!r} does not match its key "
-                             f"({session_id})")
+        raise RecordRejected(
+            f"session hash id {_clip(text['id'])!r} does not match its key ({session_id})"
+        )
     unknown = sorted(set(text) - SESSION_FIELDS)
-    lossy = f"session hash has fields with no column, not stored: {', '.join(unknown)}" \
-        if unknown else None
+    lossy = (
+        f"session hash has fields with no column, not stored: {', '.join(unknown)}"
+        if unknown
+        else None
+    )
     max_players = None
     if text.get("max_players"):
         raw_max = text["max_players"]
@@ -323,14 +335,16 @@ def parse_session_hash(
         except orjson.JSONDecodeError as exc:
             raise RecordRejected(f"session settings is not valid JSON: {exc}") from None
         if type(settings_obj) is not dict:
-            raise RecordRejected(f"session settings must be a JSON object "
-                                 f"(got {_json_type(settings_obj)})")
+            raise RecordRejected(
+                f"session settings must be a JSON object (got {_json_type(settings_obj)})"
+            )
         settings_json = orjson.dumps(settings_obj).decode()
         if "e+" in settings_json:
             settings_json = _exact_json(text["settings"])
         if "\\u0000" in settings_json and _JSON_NUL_RE.search(settings_json):
-            raise RecordRejected("session settings contains a NUL character, which "
-                                 "PostgreSQL jsonb cannot hold")
+            raise RecordRejected(
+                "session settings contains a NUL character, which PostgreSQL jsonb cannot hold"
+            )
     deleted_at = None
     if text.get("deleted_at"):
         deleted_at = parse_timestamp(text["deleted_at"], "session deleted_at")

@@ -128,11 +128,13 @@ class RedisStore:
             to_mark = None
             if mark is not None:
                 to_mark = next(replies) if mark.max_score is not None else 0
-            errors = [r for r in (listed, fields, count, to_mark)
-                      if isinstance(r, redis.ResponseError)]
+            errors = [
+                r for r in (listed, fields, count, to_mark) if isinstance(r, redis.ResponseError)
+            ]
             if errors:
-                probes[session_id] = Probe(session_id, {}, False, 0, None,
-                                           error=one_line(str(errors[0])))
+                probes[session_id] = Probe(
+                    session_id, {}, False, 0, None, error=one_line(str(errors[0]))
+                )
                 continue
             probes[session_id] = Probe(
                 session_id=session_id,

@@ -93,14 +93,15 @@ class RestoreEngine:
                 session = sessions.get(sid)
                 if session is None:
                     status = SessionStatus.FAILED if explicit else SessionStatus.SKIPPED
-                    results[sid] = self._result(sid, status, 0, 0.0,
-                                                f"session {sid} not found in PostgreSQL")
+                    results[sid] = self._result(
+                        sid, status, 0, 0.0, f"session {sid} not found in PostgreSQL"
+                    )
                 elif session.deleted_at is not None:
-                    results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, 0.0,
-                                                "soft-deleted: never restored")
+                    results[sid] = self._result(
+                        sid, SessionStatus.SKIPPED, 0, 0.0, "soft-deleted: never restored"
+                    )
                 elif sid in existing:
-                    results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, 0.0,
-                                                EXISTS_IN_REDIS)
+                    results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, 0.0, EXISTS_IN_REDIS)
                 else:
                     todo.append(sid)
             if not todo:
@@ -117,8 +118,9 @@ class RestoreEngine:
                         self._flush(staging_run, buffer, staged)
                         buffered = 0
                 self._flush(staging_run, buffer, staged)
-                commits = [SessionCommit(sid, session_hash(sessions[sid]), staged[sid])
-                           for sid in todo]
+                commits = [
+                    SessionCommit(sid, session_hash(sessions[sid]), staged[sid]) for sid in todo
+                ]
                 answers = self.redis.commit(staging_run, commits, force=force)
             except BaseException:
                 # Staging keys expire anyway; removing them now keeps Redis tidy.
@@ -133,7 +135,10 @@ class RestoreEngine:
                 results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, each, EXISTS_IN_REDIS)
             else:
                 results[sid] = self._result(
-                    sid, SessionStatus.FAILED, 0, each,
+                    sid,
+                    SessionStatus.FAILED,
+                    0,
+                    each,
                     "staged messages were incomplete when swapping in (another restore of "
                     "this session, or the staging key expired); nothing was changed",
                 )
@@ -150,7 +155,11 @@ class RestoreEngine:
         buffer.clear()
 
     def _result(
-        self, sid: str, status: SessionStatus, messages: int, seconds: float,
+        self,
+        sid: str,
+        status: SessionStatus,
+        messages: int,
+        seconds: float,
         error: str | None = None,
     ) -> SessionResult:
         return SessionResult(

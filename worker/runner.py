@@ -53,14 +53,14 @@ def backup_run(
         session_id = parse_session_id(session_id)
     info = {"mode": "local", "full": full, **(details or {})}
     if session_id is not None:
-        run = pg.start_run("backup", "session", expected_sessions=1,
-                           details={**info, "session_id": session_id})
+        run = pg.start_run(
+            "backup", "session", expected_sessions=1, details={**info, "session_id": session_id}
+        )
         batches: Iterator[list[str]] = iter([[session_id]])
         total = 1
     else:
         ids, bad = engine.list_sessions()
-        run = pg.start_run("backup", "all", expected_sessions=len(ids), kept=len(bad),
-                           details=info)
+        run = pg.start_run("backup", "all", expected_sessions=len(ids), kept=len(bad), details=info)
         pg.keep_records(bad, run.id)
         batches = chunked(ids, services.settings.batch_sessions)
         total = len(ids)
@@ -68,8 +68,9 @@ def backup_run(
     with _finish_on_error(services, run):
         for batch in batches:
             try:
-                results = engine.backup_batch(run.id, batch, full=full,
-                                              explicit=session_id is not None)
+                results = engine.backup_batch(
+                    run.id, batch, full=full, explicit=session_id is not None
+                )
             except LockTimeout as exc:
                 results = _failed(services, run.id, batch, str(exc))
             progress.advance(results)
@@ -92,20 +93,31 @@ def restore_run(
         session_id = parse_session_id(session_id)
     info = {"mode": "local", **(details or {})}
     if session_id is not None:
-        run = pg.start_run("restore", "session", forced=force, expected_sessions=1,
-                           details={**info, "session_id": session_id})
+        run = pg.start_run(
+            "restore",
+            "session",
+            forced=force,
+            expected_sessions=1,
+            details={**info, "session_id": session_id},
+        )
         ids = [session_id]
     else:
         _live, deleted = pg.count_sessions()
         ids = [sid for page in pg.live_session_ids() for sid in page]
-        run = pg.start_run("restore", "all", forced=force, expected_sessions=len(ids),
-                           details={**info, "soft_deleted_not_restored": deleted})
+        run = pg.start_run(
+            "restore",
+            "all",
+            forced=force,
+            expected_sessions=len(ids),
+            details={**info, "soft_deleted_not_restored": deleted},
+        )
     progress.start(run, len(ids))
     with _finish_on_error(services, run):
         for batch in chunked(ids, services.settings.batch_sessions):
             try:
-                results = engine.restore_batch(run.id, batch, force=force,
-                                               explicit=session_id is not None)
+                results = engine.restore_batch(
+                    run.id, batch, force=force, explicit=session_id is not None
+                )
             except LockTimeout as exc:
                 results = _failed(services, run.id, batch, str(exc))
             progress.advance(results)
@@ -127,8 +139,9 @@ def verify_run(
     info = {"mode": "local", "quick": quick, **(details or {})}
     if session_id is not None:
         session_id = parse_session_id(session_id)
-        run = pg.start_run("verify", "session", expected_sessions=1,
-                           details={**info, "session_id": session_id})
+        run = pg.start_run(
+            "verify", "session", expected_sessions=1, details={**info, "session_id": session_id}
+        )
         ids = [session_id]
     else:
         ids = engine.session_ids()
@@ -153,8 +166,14 @@ def _failed(
     """
     now = datetime.now(UTC)
     results = [
-        SessionResult(session_id=sid, status=SessionStatus.FAILED, error=error,
-                      shard=services.shard(sid), worker=services.worker_name, finished_at=now)
+        SessionResult(
+            session_id=sid,
+            status=SessionStatus.FAILED,
+            error=error,
+            shard=services.shard(sid),
+            worker=services.worker_name,
+            finished_at=now,
+        )
         for sid in batch
     ]
     services.pg.record_results(run_id, results)
@@ -171,8 +190,9 @@ class _finish_on_error:  # noqa: N801 - used as a context manager, reads like on
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         if exc is None:
             return
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)

@@ -33,16 +33,31 @@ class Services:
         return shard_of(session_id, self.settings.backup_shards)
 
     def backup_engine(self) -> BackupEngine:
-        return BackupEngine(self.redis, self.pg, chunk_messages=self.settings.chunk_messages,
-                            shard_of=self.shard, worker_name=self.worker_name)
+        return BackupEngine(
+            self.redis,
+            self.pg,
+            chunk_messages=self.settings.chunk_messages,
+            shard_of=self.shard,
+            worker_name=self.worker_name,
+        )
 
     def verify_engine(self) -> VerifyEngine:
-        return VerifyEngine(self.redis, self.pg, chunk_messages=self.settings.chunk_messages,
-                            shard_of=self.shard, worker_name=self.worker_name)
+        return VerifyEngine(
+            self.redis,
+            self.pg,
+            chunk_messages=self.settings.chunk_messages,
+            shard_of=self.shard,
+            worker_name=self.worker_name,
+        )
 
     def restore_engine(self) -> RestoreEngine:
-        return RestoreEngine(self.redis, self.pg, chunk_messages=self.settings.chunk_messages,
-                             shard_of=self.shard, worker_name=self.worker_name)
+        return RestoreEngine(
+            self.redis,
+            self.pg,
+            chunk_messages=self.settings.chunk_messages,
+            shard_of=self.shard,
+            worker_name=self.worker_name,
+        )
 
 
 def local_worker_name() -> str:

@@ -147,8 +147,10 @@ class Settings:
                 "TASK_TIME_LIMIT must be greater than TASK_SOFT_TIME_LIMIT "
                 f"({settings.task_time_limit_s} <= {settings.task_soft_time_limit_s})"
             )
-        for name, value in (("BROKER_VISIBILITY_TIMEOUT", settings.broker_visibility_timeout_s),
-                            ("STALE_RUN_AFTER", settings.stale_run_after_s)):
+        for name, value in (
+            ("BROKER_VISIBILITY_TIMEOUT", settings.broker_visibility_timeout_s),
+            ("STALE_RUN_AFTER", settings.stale_run_after_s),
+        ):
             if value <= settings.task_time_limit_s:
                 raise ConfigError(
                     f"{name} ({value} s) must be longer than TASK_TIME_LIMIT "
@@ -185,8 +187,12 @@ def redact_url(url: str) -> str:
 def secrets_of(settings: Settings) -> list[str]:
     """Every password found in the settings' URLs, for scrubbing free text."""
     found: list[str] = []
-    for url in (settings.redis_url, settings.database_url, settings.broker_url,
-                settings.result_backend):
+    for url in (
+        settings.redis_url,
+        settings.database_url,
+        settings.broker_url,
+        settings.result_backend,
+    ):
         try:
             parts = urlsplit(url)
             written = [parts.password or ""]
@@ -209,9 +215,7 @@ def _database_url(env: Mapping[str, str]) -> tuple[str, str]:
         except ValueError:
             raise ConfigError("DATABASE_URL is not a valid URL") from None
         if scheme not in ("postgres", "postgresql"):
-            raise ConfigError(
-                f"DATABASE_URL must start with postgresql:// (got scheme {scheme!r})"
-            )
+            raise ConfigError(f"DATABASE_URL must start with postgresql:// (got scheme {scheme!r})")
         return url, "DATABASE_URL"
     values = {name: env.get(name, default) for name, default in POSTGRES_DEFAULTS.items()}
     host = values["POSTGRES_HOST"]
@@ -268,6 +272,5 @@ def _check_prefix(prefix: str) -> None:
     # keys; whitespace is almost certainly a mistake in a .env file.
     if any(ch in prefix for ch in "*?[]{} \t\r\n"):
         raise ConfigError(
-            f"REDIS_KEY_PREFIX must not contain glob characters, braces or spaces "
-            f"(got {prefix!r})"
+            f"REDIS_KEY_PREFIX must not contain glob characters, braces or spaces (got {prefix!r})"
         )

@@ -45,8 +45,9 @@ RETRY_POLICY: dict[str, Any] = {
 class RunTask(Task):  # type: ignore[misc]
     """A task that owns a run record: if it finally fails, the run is marked failed."""
 
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
         run_id = kwargs.get("run_id") or task_id
         _fail_run_quietly(run_id, f"task {self.name} failed: {_describe(exc)}")
 
@@ -55,44 +56,63 @@ class RunTask(Task):  # type: ignore[misc]
 
 
 @app.task(name="worker.tasks.backup_session", bind=True, base=RunTask, **RETRY_POLICY)
-def backup_session(self: Task, session_id: str, run_id: str | None = None,
-                   full: bool = False) -> dict[str, Any]:
+def backup_session(
+    self: Task, session_id: str, run_id: str | None = None, full: bool = False
+) -> dict[str, Any]:
     """Back up one session (a one-session run); returns its result dict."""
     sid = parse_session_id(session_id)
     run_id = run_id or self.request.id
     with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run("backup", "session", run_id=run_id, expected_sessions=1,
-                               details=_details(self, session_id=sid, full=full))
-        [result] = services.backup_engine().backup_batch(run_id, [sid], full=full,
-                                                         explicit=True)
+        services.pg.ensure_run(
+            "backup",
+            "session",
+            run_id=run_id,
+            expected_sessions=1,
+            details=_details(self, session_id=sid, full=full),
+        )
+        [result] = services.backup_engine().backup_batch(run_id, [sid], full=full, explicit=True)
         run = services.pg.finish_run(run_id)
     return _session_result(result, run_id, run.status.value)
 
 
 @app.task(name="worker.tasks.restore_session", bind=True, base=RunTask, **RETRY_POLICY)
-def restore_session(self: Task, session_id: str, force: bool = False,
-                    run_id: str | None = None) -> dict[str, Any]:
+def restore_session(
+    self: Task, session_id: str, force: bool = False, run_id: str | None = None
+) -> dict[str, Any]:
     """Restore one session (a one-session run); returns its result dict."""
     sid = parse_session_id(session_id)
     run_id = run_id or self.request.id
     with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run("restore", "session", run_id=run_id, forced=force,
-                               expected_sessions=1, details=_details(self, session_id=sid))
-        [result] = services.restore_engine().restore_batch(run_id, [sid], force=force,
-                                                           explicit=True)
+        services.pg.ensure_run(
+            "restore",
+            "session",
+            run_id=run_id,
+            forced=force,
+            expected_sessions=1,
+            details=_details(self, session_id=sid),
+        )
+        [result] = services.restore_engine().restore_batch(
+            run_id, [sid], force=force, explicit=True
+        )
         run = services.pg.finish_run(run_id)
     return _session_result(result, run_id, run.status.value)
 
 
 @app.task(name="worker.tasks.verify_session", bind=True, base=RunTask, **RETRY_POLICY)
-def verify_session(self: Task, session_id: str, quick: bool = False,
-                   run_id: str | None = None) -> dict[str, Any]:
+def verify_session(
+    self: Task, session_id: str, quick: bool = False, run_id: str | None = None
+) -> dict[str, Any]:
     """Compare one session in Redis with its backup (a one-session verify run)."""
     sid = parse_session_id(session_id)
     run_id = run_id or self.request.id
     with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run("verify", "session", run_id=run_id, expected_sessions=1,
-                               details=_details(self, session_id=sid, quick=quick))
+        services.pg.ensure_run(
+            "verify",
+            "session",
+            run_id=run_id,
+            expected_sessions=1,
+            details=_details(self, session_id=sid, quick=quick),
+        )
         [result] = services.verify_engine().verify_batch(run_id, [sid], quick=quick)
         run = services.pg.finish_run(run_id)
     return _session_result(result, run_id, run.status.value)
@@ -105,8 +125,9 @@ def verify_session(self: Task, session_id: str, quick: bool = False,
 # tasks it started (Celery would attach them as `children`); the run record in
 # PostgreSQL is where progress lives.
 @app.task(name="worker.tasks.full_backup", bind=True, trail=False, **RETRY_POLICY)
-def full_backup(self: Task, full: bool = False, run_id: str | None = None,
-                trigger: str = "task") -> dict[str, Any]:
+def full_backup(
+    self: Task, full: bool = False, run_id: str | None = None, trigger: str = "task"
+) -> dict[str, Any]:
     """Back up every session: batches per shard, then a chord completes the run.
 
     Never two at once: a second full backup (a duplicate beat, an operator)
@@ -119,8 +140,13 @@ def full_backup(self: Task, full: bool = False, run_id: str | None = None,
         ids, bad = engine.list_sessions()
         try:
             run, created = services.pg.ensure_run(
-                "backup", "all", run_id=run_id, forced=False, expected_sessions=len(ids),
-                kept=len(bad), details=_details(self, trigger=trigger, full=full),
+                "backup",
+                "all",
+                run_id=run_id,
+                forced=False,
+                expected_sessions=len(ids),
+                kept=len(bad),
+                details=_details(self, trigger=trigger, full=full),
             )
         except RunInProgress as busy:
             log.info("full backup not started: %s", busy)
@@ -139,8 +165,9 @@ def full_backup(self: Task, full: bool = False, run_id: str | None = None,
 
 
 @app.task(name="worker.tasks.full_restore", bind=True, trail=False, **RETRY_POLICY)
-def full_restore(self: Task, force: bool = False, run_id: str | None = None,
-                 trigger: str = "task") -> dict[str, Any]:
+def full_restore(
+    self: Task, force: bool = False, run_id: str | None = None, trigger: str = "task"
+) -> dict[str, Any]:
     """Restore every live session from PostgreSQL: batches per shard, then a chord."""
     run_id = run_id or self.request.id
     settings = get_settings()
@@ -149,7 +176,11 @@ def full_restore(self: Task, force: bool = False, run_id: str | None = None,
         ids = [sid for page in services.pg.live_session_ids() for sid in page]
         try:
             run, created = services.pg.ensure_run(
-                "restore", "all", run_id=run_id, forced=force, expected_sessions=len(ids),
+                "restore",
+                "all",
+                run_id=run_id,
+                forced=force,
+                expected_sessions=len(ids),
                 details=_details(self, trigger=trigger, soft_deleted_not_restored=deleted),
             )
         except RunInProgress as busy:
@@ -167,8 +198,9 @@ def full_restore(self: Task, force: bool = False, run_id: str | None = None,
 
 
 @app.task(name="worker.tasks.full_verify", bind=True, trail=False, **RETRY_POLICY)
-def full_verify(self: Task, quick: bool = False, run_id: str | None = None,
-                trigger: str = "task") -> dict[str, Any]:
+def full_verify(
+    self: Task, quick: bool = False, run_id: str | None = None, trigger: str = "task"
+) -> dict[str, Any]:
     """Verify every session in Redis or PostgreSQL: batches per shard, then a chord."""
     run_id = run_id or self.request.id
     settings = get_settings()
@@ -176,7 +208,10 @@ def full_verify(self: Task, quick: bool = False, run_id: str | None = None,
         ids = services.verify_engine().session_ids()
         try:
             run, created = services.pg.ensure_run(
-                "verify", "all", run_id=run_id, expected_sessions=len(ids),
+                "verify",
+                "all",
+                run_id=run_id,
+                expected_sessions=len(ids),
                 details=_details(self, trigger=trigger, quick=quick),
             )
         except RunInProgress as busy:
@@ -194,8 +229,9 @@ def full_verify(self: Task, quick: bool = False, run_id: str | None = None,
 
 
 @app.task(name="worker.tasks.backup_batch", bind=True, **RETRY_POLICY)
-def backup_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
-                 full: bool = False) -> dict[str, Any]:
+def backup_batch(
+    self: Task, run_id: str, shard: int, session_ids: list[str], full: bool = False
+) -> dict[str, Any]:
     """Back up one batch of one shard's sessions; per-session results go to PostgreSQL."""
     with process.task_services(_worker_name(self)) as services:
         results = services.backup_engine().backup_batch(run_id, session_ids, full=full)
@@ -203,8 +239,9 @@ def backup_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
 
 
 @app.task(name="worker.tasks.restore_batch", bind=True, **RETRY_POLICY)
-def restore_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
-                  force: bool = False) -> dict[str, Any]:
+def restore_batch(
+    self: Task, run_id: str, shard: int, session_ids: list[str], force: bool = False
+) -> dict[str, Any]:
     """Restore one batch of one shard's sessions; per-session results go to PostgreSQL."""
     with process.task_services(_worker_name(self)) as services:
         results = services.restore_engine().restore_batch(run_id, session_ids, force=force)
@@ -212,8 +249,9 @@ def restore_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
 
 
 @app.task(name="worker.tasks.verify_batch", bind=True, **RETRY_POLICY)
-def verify_batch(self: Task, run_id: str, shard: int, session_ids: list[str],
-                 quick: bool = False) -> dict[str, Any]:
+def verify_batch(
+    self: Task, run_id: str, shard: int, session_ids: list[str], quick: bool = False
+) -> dict[str, Any]:
     """Verify one batch of one shard's sessions; per-session results go to PostgreSQL."""
     with process.task_services(_worker_name(self)) as services:
         results = services.verify_engine().verify_batch(run_id, session_ids, quick=quick)
@@ -246,21 +284,27 @@ def fail_stale_runs(self: Task, after_seconds: int | None = None) -> list[str]:
         stale = services.pg.stale_runs(seconds)
         for run_id in stale:
             services.pg.finish_run(
-                run_id, error=f"abandoned: no progress for {seconds} s (a worker or the "
-                              "process running it died)")
+                run_id,
+                error=f"abandoned: no progress for {seconds} s (a worker or the "
+                "process running it died)",
+            )
     if stale:
         log.warning("marked %d abandoned run(s) failed: %s", len(stale), ", ".join(stale))
     return stale
 
 
 @app.task(name="worker.tasks.prune_runs", bind=True, **RETRY_POLICY)
-def prune_runs(self: Task, older_than_days: int | None = None,
-               keep: int | None = None) -> dict[str, int]:
+def prune_runs(
+    self: Task, older_than_days: int | None = None, keep: int | None = None
+) -> dict[str, int]:
     """Remove old run records (never backed-up data): beat runs it on PRUNE_SCHEDULE."""
     from datetime import UTC, datetime, timedelta
 
-    days = older_than_days if older_than_days is not None or keep is not None else (
-        get_settings().prune_keep_days)
+    days = (
+        older_than_days
+        if older_than_days is not None or keep is not None
+        else (get_settings().prune_keep_days)
+    )
     before = None if days is None else datetime.now(UTC) - timedelta(days=days)
     with process.task_services(_worker_name(self)) as services:
         removed = services.pg.prune(keep=keep, before=before)
@@ -271,8 +315,9 @@ def prune_runs(self: Task, older_than_days: int | None = None,
 # -- helpers ------------------------------------------------------------------------
 
 
-def shard_batches(session_ids: Sequence[str], shards: int,
-                  batch_size: int) -> list[tuple[int, list[str]]]:
+def shard_batches(
+    session_ids: Sequence[str], shards: int, batch_size: int
+) -> list[tuple[int, list[str]]]:
     """Sessions grouped by shard, then cut into batches: one task per batch.
 
     A chord of one task per session would be 100,000 tasks for 100,000

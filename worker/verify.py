@@ -35,8 +35,18 @@ from worker.records import RecordRejected, parse_message, parse_session_hash
 from worker.redis_store import Probe, RedisStore
 
 EXAMPLES = 5  # message IDs listed per kind of difference
-COMPARED_FIELDS = ("name", "creator_id", "mcp_server_url", "websocket_key", "created_at",
-                   "updated_at", "max_players", "settings", "status", "deleted_at")
+COMPARED_FIELDS = (
+    "name",
+    "creator_id",
+    "mcp_server_url",
+    "websocket_key",
+    "created_at",
+    "updated_at",
+    "max_players",
+    "settings",
+    "status",
+    "deleted_at",
+)
 
 
 @dataclass(slots=True)
@@ -63,10 +73,17 @@ class SessionDiff:
     def agrees(self) -> bool:
         if self.soft_deleted and not self.in_redis:
             return True
-        return (self.in_redis and self.in_backup and not self.fields_differ
-                and self.redis_unreadable is None and not self.missing_from_backup
-                and not self.missing_from_redis and not self.different
-                and not self.kept_aside and not self.backup_damaged)
+        return (
+            self.in_redis
+            and self.in_backup
+            and not self.fields_differ
+            and self.redis_unreadable is None
+            and not self.missing_from_backup
+            and not self.missing_from_redis
+            and not self.different
+            and not self.kept_aside
+            and not self.backup_damaged
+        )
 
     def summary(self) -> str:
         if self.agrees:
@@ -80,10 +97,12 @@ class SessionDiff:
             parts.append(f"session in Redis unreadable ({self.redis_unreadable})")
         if self.fields_differ:
             parts.append(f"fields differ: {', '.join(self.fields_differ)}")
-        for count, what in ((self.missing_from_backup, "missing from the backup"),
-                            (self.missing_from_redis, "missing from Redis"),
-                            (self.different, "different"),
-                            (self.kept_aside, "kept aside (cannot be stored)")):
+        for count, what in (
+            (self.missing_from_backup, "missing from the backup"),
+            (self.missing_from_redis, "missing from Redis"),
+            (self.different, "different"),
+            (self.kept_aside, "kept aside (cannot be stored)"),
+        ):
             if count:
                 parts.append(f"{count} message(s) {what}")
         if self.backup_damaged:
@@ -137,9 +156,17 @@ class VerifyEngine:
             raise
         except DndError as exc:
             now = datetime.now(UTC)
-            results = [SessionResult(session_id=sid, status=SessionStatus.FAILED, error=str(exc),
-                                     shard=self._shard(sid), worker=self.worker_name,
-                                     finished_at=now) for sid in ids]
+            results = [
+                SessionResult(
+                    session_id=sid,
+                    status=SessionStatus.FAILED,
+                    error=str(exc),
+                    shard=self._shard(sid),
+                    worker=self.worker_name,
+                    finished_at=now,
+                )
+                for sid in ids
+            ]
         if run_id is not None:
             self.pg.record_results(run_id, results)
         return results
@@ -153,25 +180,45 @@ class VerifyEngine:
             recorded = self.pg.checksums(ids)
             for sid in ids:
                 started = time.monotonic()
-                diff = self._compare(sid, probes[sid], sessions.get(sid), recorded.get(sid),
-                                     quick=quick)
-                results.append(SessionResult(
-                    session_id=sid,
-                    status=SessionStatus.COMPLETED if diff.agrees else SessionStatus.DIFFERENT,
-                    messages=max(diff.messages_in_redis, diff.messages_in_backup),
-                    duration_ms=round((time.monotonic() - started) * 1000),
-                    error=None if diff.agrees else diff.summary(),
-                    shard=self._shard(sid),
-                    worker=self.worker_name,
-                    finished_at=datetime.now(UTC),
-                    details=diff.as_dict(),
-                ))
+                probe = probes[sid]
+                if probe.error is not None:
+                    # A key of the wrong type fails its session, not the batch.
+                    results.append(
+                        SessionResult(
+                            session_id=sid,
+                            status=SessionStatus.FAILED,
+                            error=f"cannot read session {sid} from Redis: {probe.error}",
+                            shard=self._shard(sid),
+                            worker=self.worker_name,
+                            finished_at=datetime.now(UTC),
+                        )
+                    )
+                    continue
+                diff = self._compare(sid, probe, sessions.get(sid), recorded.get(sid), quick=quick)
+                results.append(
+                    SessionResult(
+                        session_id=sid,
+                        status=SessionStatus.COMPLETED if diff.agrees else SessionStatus.DIFFERENT,
+                        messages=max(diff.messages_in_redis, diff.messages_in_backup),
+                        duration_ms=round((time.monotonic() - started) * 1000),
+                        error=None if diff.agrees else diff.summary(),
+                        shard=self._shard(sid),
+                        worker=self.worker_name,
+                        finished_at=datetime.now(UTC),
+                        details=diff.as_dict(),
+                    )
+                )
         return results
 
-    def _compare(self, sid: str, probe: Probe, stored: Session | None,
-                 recorded: tuple[MessageChecksum, bytes] | None, *, quick: bool) -> SessionDiff:
-        if probe.error is not None:
-            raise DndError(f"cannot read session {sid} from Redis: {probe.error}")
+    def _compare(
+        self,
+        sid: str,
+        probe: Probe,
+        stored: Session | None,
+        recorded: tuple[MessageChecksum, bytes] | None,
+        *,
+        quick: bool,
+    ) -> SessionDiff:
         diff = SessionDiff(session_id=sid, in_redis=probe.exists, in_backup=stored is not None)
         if stored is not None and stored.deleted_at is not None:
             diff.soft_deleted = True
@@ -186,15 +233,26 @@ class VerifyEngine:
             else:
                 if lossy:  # fields with no column: kept aside by backups, not stored
                     diff.kept_aside += 1
+        elif probe.exists:  # listed, or messages left, but the hash itself is gone
+            diff.redis_unreadable = (
+                "listed in the sessions set but has no session hash"
+                if probe.listed
+                else f"has {probe.message_count} messages but no session hash"
+            )
         redis_digests, redis_sum = self._redis_messages(sid, diff) if probe.exists else ({}, None)
         if stored is None:
             diff.messages_in_redis = len(redis_digests)
             return diff
         if live is not None:
             diff.fields_differ = _differing_fields(live, stored)
-        if (quick and recorded is not None and redis_sum is not None
-                and redis_sum == recorded[0] and live is not None
-                and session_digest(live) == recorded[1]):
+        if (
+            quick
+            and recorded is not None
+            and redis_sum is not None
+            and redis_sum == recorded[0]
+            and live is not None
+            and session_digest(live) == recorded[1]
+        ):
             diff.checked_by = "checksum"
             diff.messages_in_backup = recorded[0].count
             return diff
@@ -220,7 +278,9 @@ class VerifyEngine:
             diff.backup_damaged = True
         return diff
 
-    def _redis_messages(self, sid: str, diff: SessionDiff) -> tuple[dict[str, int], MessageChecksum]:
+    def _redis_messages(
+        self, sid: str, diff: SessionDiff
+    ) -> tuple[dict[str, int], MessageChecksum]:
         digests: dict[str, int] = {}
         total = MessageChecksum()
         for page in self.redis.read_messages(sid, None, self.chunk):

@@ -23,8 +23,11 @@ def broker(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def celery_env(env: dict[str, str], redis_server_url: str, request: pytest.FixtureRequest,
-               ) -> Iterator[dict[str, str]]:
+def celery_env(
+    env: dict[str, str],
+    redis_server_url: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[str, str]]:
     """The environment of workers, beat, the CLI and app code for this test.
 
     Queue names and Celery's Redis keys get prefixes of this test's own, so
@@ -54,7 +57,7 @@ def celery_env(env: dict[str, str], redis_server_url: str, request: pytest.Fixtu
 
 
 def _delete_amqp_queues(url: str, prefix: str, shards: int) -> None:
-    from kombu import Connection
+    from kombu.connection import Connection
 
     names = [f"{prefix}default"] + [f"{prefix}shard.{n}" for n in range(shards)]
     with Connection(url) as conn:
@@ -95,8 +98,12 @@ def beats(tmp_path: Path) -> Iterator[Callable[..., CeleryProcess]]:
         beat.stop()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2,
-             message: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.2,
+    message: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -112,13 +119,20 @@ def runs(conn: psycopg.Connection[Any], kind: str = "backup") -> list[dict[str, 
         cur.execute(
             "SELECT id::text, scope, status, session_count, message_count, kept_count, "
             "failed_count, created_at, finished_at, error, details "
-            "FROM persistence_snapshots WHERE kind = %s ORDER BY created_at", (kind,))
+            "FROM persistence_snapshots WHERE kind = %s ORDER BY created_at",
+            (kind,),
+        )
         columns = [c.name for c in cur.description or ()]
         return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
 
 
-def wait_for_run(conn: psycopg.Connection[Any], run_id: str | None = None, *,
-                 kind: str = "backup", timeout: float = 90) -> dict[str, Any]:
+def wait_for_run(
+    conn: psycopg.Connection[Any],
+    run_id: str | None = None,
+    *,
+    kind: str = "backup",
+    timeout: float = 90,
+) -> dict[str, Any]:
     """The run (or the latest full run of ``kind``) once it is no longer running."""
 
     def finished() -> dict[str, Any] | None:

@@ -33,17 +33,21 @@ def _task_ids(log: str, event: str) -> set[str]:
     return set(re.findall(rf"Task worker\.tasks\.\w+\[([0-9a-f-]+)\] {event}", log))
 
 
-def test_backup_session_delay_from_application_code(broker, celery_env, workers, redis_client,
-                                                     keys, pg_conn):
+def test_backup_session_delay_from_application_code(
+    broker, celery_env, workers, redis_client, keys, pg_conn
+):
     sid = write_session(redis_client, keys, session_fields())
     add_messages(redis_client, keys, sid, [message(sid, i) for i in range(100)])
     worker = workers(celery_env, name="app")
 
-    result = run_python(celery_env, f"""
+    result = run_python(
+        celery_env,
+        f"""
 import json
 from worker.tasks import backup_session
 print(json.dumps(backup_session.delay({sid!r}).get(timeout=60)))
-""")
+""",
+    )
 
     assert result["session_id"] == sid
     assert result["status"] == "completed"
@@ -59,17 +63,22 @@ print(json.dumps(backup_session.delay({sid!r}).get(timeout=60)))
     assert (run["scope"], run["status"], run["message_count"]) == ("session", "completed", 100)
 
     # Idempotent: the same call again stores nothing new.
-    again = run_python(celery_env, f"""
+    again = run_python(
+        celery_env,
+        f"""
 import json
 from worker.tasks import backup_session
 print(json.dumps(backup_session.delay({sid!r}).get(timeout=60)))
-""")
+""",
+    )
     assert (again["status"], again["messages"]) == ("unchanged", 0)
     assert _message_counts(pg_conn) == (100, 100)
 
 
 def test_delay_refuses_a_session_id_that_is_not_a_uuid(celery_env):
-    result = run_python(celery_env, """
+    result = run_python(
+        celery_env,
+        """
 import json
 from worker.errors import InvalidArgument
 from worker.tasks import backup_session
@@ -77,20 +86,25 @@ try:
     backup_session.delay("*")
 except InvalidArgument as exc:
     print(json.dumps({"refused": str(exc)}))
-""")
+""",
+    )
     assert "UUID" in result["refused"]
 
 
-def test_full_backup_chord_writes_a_completed_snapshot(broker, celery_env, workers,
-                                                       redis_client, keys, pg_conn):
+def test_full_backup_chord_writes_a_completed_snapshot(
+    broker, celery_env, workers, redis_client, keys, pg_conn
+):
     make_sessions(redis_client, keys, 23, 7)
     workers(celery_env, concurrency=2)
 
-    answer = run_python(celery_env, """
+    answer = run_python(
+        celery_env,
+        """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
+""",
+    )
     assert answer["status"] == "running"
     # 23 sessions in batches of at most 5 per shard: several chord members.
     assert answer["batches"] >= 5
@@ -102,22 +116,27 @@ print(json.dumps(full_backup.delay().get(timeout=60)))
     assert _message_counts(pg_conn) == (161, 161)
     results = pg_conn.execute(
         "SELECT count(*), sum(messages) FROM persistence_session_results WHERE snapshot_id = %s",
-        (run["id"],)).fetchone()
+        (run["id"],),
+    ).fetchone()
     assert results == (23, 161)
 
 
-def test_full_backup_with_bad_records_is_partial_not_failed(celery_env, workers, redis_client,
-                                                            keys, pg_conn):
+def test_full_backup_with_bad_records_is_partial_not_failed(
+    celery_env, workers, redis_client, keys, pg_conn
+):
     good = make_sessions(redis_client, keys, 3, 4)
     add_messages(redis_client, keys, good[0], [b"{not json"], score=1)
     redis_client.sadd(keys.sessions, "not-a-uuid")
     workers(celery_env)
 
-    answer = run_python(celery_env, """
+    answer = run_python(
+        celery_env,
+        """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
+""",
+    )
     run = wait_for_run(pg_conn, answer["run_id"])
     assert run["status"] == "partial"
     assert run["kept_count"] == 2
@@ -129,39 +148,50 @@ print(json.dumps(full_backup.delay().get(timeout=60)))
 def test_full_restore_through_workers(celery_env, workers, redis_client, keys, pg_conn):
     ids = make_sessions(redis_client, keys, 12, 6)
     workers(celery_env, concurrency=2)
-    answer = run_python(celery_env, """
+    answer = run_python(
+        celery_env,
+        """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
+""",
+    )
     wait_for_run(pg_conn, answer["run_id"])
-    redis_client.delete(*[keys.session(i) for i in ids], *[keys.messages(i) for i in ids],
-                        keys.sessions)
+    redis_client.delete(
+        *[keys.session(i) for i in ids], *[keys.messages(i) for i in ids], keys.sessions
+    )
 
-    answer = run_python(celery_env, """
+    answer = run_python(
+        celery_env,
+        """
 import json
 from worker.tasks import full_restore
 print(json.dumps(full_restore.delay().get(timeout=60)))
-""")
+""",
+    )
     run = wait_for_run(pg_conn, answer["run_id"], kind="restore")
     assert (run["status"], run["session_count"], run["message_count"]) == ("completed", 12, 72)
     assert {m.decode() for m in redis_client.smembers(keys.sessions)} == set(ids)
     assert all(redis_client.zcard(keys.messages(i)) == 6 for i in ids)
 
 
-def test_two_workers_both_work_and_a_sessions_shard_never_changes(celery_env, workers,
-                                                                   redis_client, keys, pg_conn):
+def test_two_workers_both_work_and_a_sessions_shard_never_changes(
+    celery_env, workers, redis_client, keys, pg_conn
+):
     ids = make_sessions(redis_client, keys, 40, 3)
     first = workers(celery_env, name="one")
     second = workers(celery_env, name="two")
     shards = int(celery_env["BACKUP_SHARDS"])
 
     def full(full_scan: bool) -> dict:
-        answer = run_python(celery_env, f"""
+        answer = run_python(
+            celery_env,
+            f"""
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay(full={full_scan}).get(timeout=60)))
-""")
+""",
+        )
         return wait_for_run(pg_conn, answer["run_id"])
 
     runs_done = [full(False), full(True)]
@@ -169,31 +199,43 @@ print(json.dumps(full_backup.delay(full={full_scan}).get(timeout=60)))
         assert run["status"] == "completed"
         rows = pg_conn.execute(
             "SELECT session_id::text, shard, worker FROM persistence_session_results "
-            "WHERE snapshot_id = %s", (run["id"],)).fetchall()
+            "WHERE snapshot_id = %s",
+            (run["id"],),
+        ).fetchall()
         assert len(rows) == 40
         for session_id, shard, _worker in rows:
             assert shard == shard_of(session_id, shards)
         names = {worker.split("@")[0] for _sid, _shard, worker in rows}
         assert names == {first.name, second.name}, "both workers should have taken batches"
-    assert set(ids) == {r[0] for r in pg_conn.execute(
-        "SELECT id::text FROM client_sessions").fetchall()}
+    assert set(ids) == {
+        r[0] for r in pg_conn.execute("SELECT id::text FROM client_sessions").fetchall()
+    }
 
 
-def test_sigkill_mid_full_backup_loses_nothing(celery_env, workers, redis_client, keys,
-                                               pg_conn):
+def test_sigkill_mid_full_backup_loses_nothing(celery_env, workers, redis_client, keys, pg_conn):
     # Short limits so that a task taken by the killed worker comes back fast.
-    env = {**celery_env, "BROKER_VISIBILITY_TIMEOUT": "12", "TASK_SOFT_TIME_LIMIT": "8",
-           "TASK_TIME_LIMIT": "10", "STALE_RUN_AFTER": "600", "BACKUP_BATCH_SESSIONS": "6"}
+    env = {
+        **celery_env,
+        "BROKER_VISIBILITY_TIMEOUT": "12",
+        "TASK_SOFT_TIME_LIMIT": "8",
+        "TASK_TIME_LIMIT": "10",
+        "STALE_RUN_AFTER": "600",
+        "BACKUP_BATCH_SESSIONS": "6",
+    }
     make_sessions(redis_client, keys, 60, 400)
     victim = workers(env, name="victim")
     survivor = workers(env, name="survivor")
 
-    answer = run_python(env, """
+    answer = run_python(
+        env,
+        """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
+""",
+    )
     run_id = answer["run_id"]
+
     # Kill the victim (the worker and its pool process, no goodbye) while it
     # is in the middle of a batch: received, not finished.
     def in_flight() -> bool:
@@ -216,18 +258,22 @@ print(json.dumps(full_backup.delay().get(timeout=60)))
 
     # A worker is back, a backup runs again: still every message exactly once.
     workers(env, name="back")
-    answer = run_python(env, """
+    answer = run_python(
+        env,
+        """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay(full=True).get(timeout=60)))
-""")
+""",
+    )
     run = wait_for_run(pg_conn, answer["run_id"], timeout=120)
     assert run["status"] == "completed"
     assert _message_counts(pg_conn) == (24_000, 24_000)
 
 
-def test_postgres_unreachable_for_a_moment_is_retried(celery_env, workers, redis_client, keys,
-                                                      pg_conn, database_url):
+def test_postgres_unreachable_for_a_moment_is_retried(
+    celery_env, workers, redis_client, keys, pg_conn, database_url
+):
     from urllib.parse import urlsplit, urlunsplit
 
     from tests.proxy import TcpProxy
@@ -242,14 +288,25 @@ def test_postgres_unreachable_for_a_moment_is_retried(celery_env, workers, redis
         make_sessions(redis_client, keys, 80, 300)
         worker = workers(env, concurrency=2)
 
-        answer = run_python(env, """
+        answer = run_python(
+            env,
+            """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
-        wait_for(lambda: pg_conn.execute(
-            "SELECT count(*) FROM persistence_session_results WHERE snapshot_id = %s",
-            (answer["run_id"],)).fetchone()[0] > 0, 60, message="the run to start")
+""",
+        )
+        wait_for(
+            lambda: (
+                pg_conn.execute(
+                    "SELECT count(*) FROM persistence_session_results WHERE snapshot_id = %s",
+                    (answer["run_id"],),
+                ).fetchone()[0]
+                > 0
+            ),
+            60,
+            message="the run to start",
+        )
         with proxy.outage():
             time.sleep(3)
         run = wait_for_run(pg_conn, answer["run_id"], timeout=180)
@@ -263,8 +320,9 @@ print(json.dumps(full_backup.delay().get(timeout=60)))
         proxy.close()
 
 
-def test_a_backup_waits_for_a_restore_of_the_same_session(celery_env, workers, redis_client,
-                                                          keys, pg_conn, database_url):
+def test_a_backup_waits_for_a_restore_of_the_same_session(
+    celery_env, workers, redis_client, keys, pg_conn, database_url
+):
     """The per-session lock lives in PostgreSQL, shared by every worker on every host."""
     sid = write_session(redis_client, keys, session_fields())
     add_messages(redis_client, keys, sid, [message(sid, i) for i in range(10)])
@@ -276,11 +334,14 @@ def test_a_backup_waits_for_a_restore_of_the_same_session(celery_env, workers, r
     outcome: dict = {}
 
     def call() -> None:
-        outcome["result"] = run_python(celery_env, f"""
+        outcome["result"] = run_python(
+            celery_env,
+            f"""
 import json
 from worker.tasks import backup_session
 print(json.dumps(backup_session.delay({sid!r}).get(timeout=60)))
-""")
+""",
+        )
         outcome["at"] = time.monotonic()
 
     thread = threading.Thread(target=call)
@@ -297,8 +358,9 @@ print(json.dumps(backup_session.delay({sid!r}).get(timeout=60)))
     assert _message_counts(pg_conn) == (10, 10)
 
 
-def test_beat_starts_repeated_runs_that_never_overlap(celery_env, workers, beats, redis_client,
-                                                      keys, pg_conn):
+def test_beat_starts_repeated_runs_that_never_overlap(
+    celery_env, workers, beats, redis_client, keys, pg_conn
+):
     env = {**celery_env, "BACKUP_SCHEDULE": "1"}
     make_sessions(redis_client, keys, 30, 200)
     workers(env, concurrency=2)
@@ -315,8 +377,11 @@ def test_beat_starts_repeated_runs_that_never_overlap(celery_env, workers, beats
 
     writer = threading.Thread(target=keep_writing)
     writer.start()
-    wait_for(lambda: len([r for r in runs(pg_conn) if r["status"] != "running"]) >= 3, 90,
-             message="three finished beat runs")
+    wait_for(
+        lambda: len([r for r in runs(pg_conn) if r["status"] != "running"]) >= 3,
+        90,
+        message="three finished beat runs",
+    )
     writer.join()
 
     finished = [r for r in runs(pg_conn) if r["status"] != "running"]
@@ -337,7 +402,10 @@ def test_cli_through_workers(celery_env, workers, redis_client, keys, pg_conn):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert (summary["status"], summary["session_count"], summary["message_count"]) == (
-        "completed", 9, 45)
+        "completed",
+        9,
+        45,
+    )
     assert summary["details"]["mode"] == "celery"
 
     done = run_cli(celery_env, "backup", "--session", ids[0], "-o", "json")
@@ -375,11 +443,16 @@ def test_cli_with_the_broker_down_says_which_setting(celery_env, kind):
     assert "s3cret" not in done.stderr + done.stdout
 
 
-def test_a_batch_that_fails_for_good_marks_the_run_failed(celery_env, workers, redis_client,
-                                                         keys, pg_conn, database_url):
+def test_a_batch_that_fails_for_good_marks_the_run_failed(
+    celery_env, workers, redis_client, keys, pg_conn, database_url
+):
     """The chord's error path: the callback never runs, the errback fails the run."""
-    env = {**celery_env, "DATABASE_LOCK_TIMEOUT_MS": "300", "TASK_MAX_RETRIES": "1",
-           "BACKUP_BATCH_SESSIONS": "1"}
+    env = {
+        **celery_env,
+        "DATABASE_LOCK_TIMEOUT_MS": "300",
+        "TASK_MAX_RETRIES": "1",
+        "BACKUP_BATCH_SESSIONS": "1",
+    }
     ids = make_sessions(redis_client, keys, 6, 3)
     workers(env, concurrency=2)
     # One session's lock held all along: its batch times out waiting, is
@@ -387,17 +460,21 @@ def test_a_batch_that_fails_for_good_marks_the_run_failed(celery_env, workers, r
     holder = psycopg.connect(database_url)
     holder.execute("SELECT pg_advisory_xact_lock(1684956267, hashtext(%s))", (ids[0],))
     try:
-        answer = run_python(env, """
+        answer = run_python(
+            env,
+            """
 import json
 from worker.tasks import full_backup
 print(json.dumps(full_backup.delay().get(timeout=60)))
-""")
+""",
+        )
         run = wait_for_run(pg_conn, answer["run_id"], timeout=120)
     finally:
         holder.rollback()
         holder.close()
     assert run["status"] == "failed"
-    assert "batch task" in run["error"] and "LockTimeout" in run["error"]
+    assert "batch task" in run["error"]
+    assert "LockTimeout" in run["error"]
     stored = {r[0] for r in pg_conn.execute("SELECT id::text FROM client_sessions")}
     assert stored == set(ids[1:])
 
@@ -406,19 +483,24 @@ def test_a_run_abandoned_by_a_crash_is_marked_failed(celery_env, workers, pg_con
     workers(celery_env)
     pg_conn.execute(
         "INSERT INTO persistence_snapshots (id, kind, scope, created_at) "
-        "VALUES (gen_random_uuid(), 'backup', 'all', now() - interval '3 hours')")
+        "VALUES (gen_random_uuid(), 'backup', 'all', now() - interval '3 hours')"
+    )
     pg_conn.execute(
         "INSERT INTO persistence_snapshots (id, kind, scope) "
-        "VALUES (gen_random_uuid(), 'restore', 'all')")
-    swept = run_python(celery_env, """
+        "VALUES (gen_random_uuid(), 'restore', 'all')"
+    )
+    swept = run_python(
+        celery_env,
+        """
 import json
 from worker.tasks import fail_stale_runs
 print(json.dumps(fail_stale_runs.delay().get(timeout=60)))
-""")
+""",
+    )
     assert len(swept) == 1
-    statuses = dict(pg_conn.execute(
-        "SELECT kind, status FROM persistence_snapshots").fetchall())
+    statuses = dict(pg_conn.execute("SELECT kind, status FROM persistence_snapshots").fetchall())
     assert statuses == {"backup": "failed", "restore": "running"}
     error = pg_conn.execute(
-        "SELECT error FROM persistence_snapshots WHERE kind = 'backup'").fetchone()[0]
+        "SELECT error FROM persistence_snapshots WHERE kind = 'backup'"
+    ).fetchone()[0]
     assert "abandoned" in error

@@ -12,13 +12,13 @@ from worker.models import Run, SessionResult
 def rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[dict[str, Any]]:
     """Every row of ``query`` as a dict of column -> value."""
     with conn.cursor() as cur:
-        cur.execute(query, params or None)  # type: ignore[arg-type]
+        cur.execute(query, params or None)
         columns = [c.name for c in cur.description or ()]
         return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
 
 
 def scalar(conn: psycopg.Connection[Any], query: str, *params: Any) -> Any:
-    row = conn.execute(query, params or None).fetchone()  # type: ignore[arg-type]
+    row = conn.execute(query, params or None).fetchone()
     assert row is not None
     return row[0]
 

@@ -141,7 +141,8 @@ def test_partial_and_failed_runs(services, redis_client, keys, pg_conn):
     assert missing in result.error
     # The run row says why too (what `backup list` and monitoring queries see).
     assert "1 session(s) failed" in failed.error
-    assert missing in failed.error and "not found" in failed.error
+    assert missing in failed.error
+    assert "not found" in failed.error
     assert restore_failed.status is RunStatus.FAILED
     # A failed run changed nothing.
     assert rows(pg_conn, "SELECT id FROM client_sessions WHERE id = %s", missing) == []

@@ -51,4 +51,4 @@ def test_keys_are_immutable_and_comparable():
     keys = RedisKeys("dnd:")
     assert keys == RedisKeys("dnd:")
     with pytest.raises(dataclasses.FrozenInstanceError):
-        keys.prefix = "other:"
+        keys.prefix = "other:"  # type: ignore[misc]

@@ -304,7 +304,12 @@ def test_parse_message_unknown_keys_are_lossy_but_stored():
 
 
 def test_parse_message_many_unknown_keys_are_all_named():
-    data = {"id": MID, "session_id": SID, "created_at": "2026-02-12T10:00:00Z", "role": "user"}
+    data: dict[str, object] = {
+        "id": MID,
+        "session_id": SID,
+        "created_at": "2026-02-12T10:00:00Z",
+        "role": "user",
+    }
     data.update({"a": 1, "b": 2, "c": 3, "d": 4})  # more than seven keys in all
     _, lossy = parse_message(SID, json.dumps(data).encode())
     assert lossy is not None

@@ -71,7 +71,7 @@ def test_from_env_without_a_mapping_reads_os_environ(monkeypatch):
 def test_settings_are_frozen():
     settings = Settings.from_env({})
     with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.backup_shards = 2
+        settings.backup_shards = 2  # type: ignore[misc]
 
 
 # -- values read from the environment -------------------------------------------------

@@ -7,8 +7,9 @@ import pytest
 from worker.records import RecordRejected, epoch_ms, format_timestamp, parse_timestamp
 
 
-def utc(*args):
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, *time: int) -> datetime:
+    hour, minute, second, micro = (*time, 0, 0, 0, 0)[:4]
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(

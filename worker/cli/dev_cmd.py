@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from worker.cli.common import output_option
 from worker.devstack import DEV_BACKUP_SCHEDULE
 
 _PORT = click.IntRange(1, 65535)
@@ -35,6 +36,7 @@ _PORT = click.IntRange(1, 65535)
 @click.option(
     "--flower-port",
     type=_PORT,
+    metavar="PORT",
     default=5555,
     show_default=True,
     envvar="FLOWER_PORT",
@@ -61,6 +63,7 @@ _PORT = click.IntRange(1, 65535)
 @click.option(
     "--redis-port",
     type=_PORT,
+    metavar="PORT",
     default=None,
     envvar="DND_DEV_REDIS_PORT",
     show_envvar=True,
@@ -70,12 +73,14 @@ _PORT = click.IntRange(1, 65535)
 @click.option(
     "--postgres-port",
     type=_PORT,
+    metavar="PORT",
     default=None,
     envvar="DND_DEV_POSTGRES_PORT",
     show_envvar=True,
     help="Port of the embedded PostgreSQL [default: the one this data dir used "
     "last, else 15432, else any free port].",
 )
+@output_option
 @click.option(
     "--stop-timeout",
     type=click.FloatRange(min=1),
@@ -95,6 +100,7 @@ def dev(
     redis_port: int | None,
     postgres_port: int | None,
     stop_timeout: float,
+    output: str,
 ) -> int:
     """Run the whole system here: PostgreSQL, Redis, migrations, worker, beat, Flower.
 
@@ -121,6 +127,7 @@ def dev(
         beat=not no_beat,
         flower=not no_flower,
         stop_timeout=stop_timeout,
+        output=output,
     )
     # The CLI boundary: the children get this environment, plus the stack's URLs.
     return DevStack(options, os.environ, Console(sys.stdout, sys.stderr)).run()

@@ -26,9 +26,17 @@ RECHECK_WORKERS_AFTER_S = 60.0
 COORDINATOR_TIMEOUT_S = 120.0
 
 
-def run_on_workers(kind: str, *, session_id: str | None, full: bool = False,
-                   force: bool = False, quick: bool = False, no_wait: bool,
-                   timeout: float | None, out: Output) -> Run | None:
+def run_on_workers(
+    kind: str,
+    *,
+    session_id: str | None,
+    full: bool = False,
+    force: bool = False,
+    quick: bool = False,
+    no_wait: bool,
+    timeout: float | None,
+    out: Output,
+) -> Run | None:
     """Start a run on the workers; wait for it and return it (None with --no-wait)."""
     from worker import tasks
     from worker.celery import app
@@ -44,24 +52,37 @@ def run_on_workers(kind: str, *, session_id: str | None, full: bool = False,
 
     run_id = str(uuid.uuid4())
     # What each kind of run passes on: --full, --force, --quick.
-    flags: dict[str, Any] = {"backup": {"full": full}, "restore": {"force": force},
-                             "verify": {"quick": quick}}[kind]
+    flags: dict[str, Any] = {
+        "backup": {"full": full},
+        "restore": {"force": force},
+        "verify": {"quick": quick},
+    }[kind]
     with _broker_errors(config):
         if session_id is not None:
-            task = {"backup": tasks.backup_session, "restore": tasks.restore_session,
-                    "verify": tasks.verify_session}[kind]
+            task = {
+                "backup": tasks.backup_session,
+                "restore": tasks.restore_session,
+                "verify": tasks.verify_session,
+            }[kind]
             options: dict[str, Any] = {"session_id": session_id, "run_id": run_id, **flags}
             async_result = task.apply_async(kwargs=options, task_id=run_id)
         else:
-            task = {"backup": tasks.full_backup, "restore": tasks.full_restore,
-                    "verify": tasks.full_verify}[kind]
+            task = {
+                "backup": tasks.full_backup,
+                "restore": tasks.full_restore,
+                "verify": tasks.full_verify,
+            }[kind]
             options = {"run_id": run_id, "trigger": "cli", **flags}
-            async_result = task.apply_async(kwargs=options, task_id=run_id,
-                                            queue=default_queue(config))
+            async_result = task.apply_async(
+                kwargs=options, task_id=run_id, queue=default_queue(config)
+            )
     try:
         if no_wait:
-            out.data({"run_id": run_id, "kind": kind, "status": "queued"},
-                     columns=("run", "status"), rows=[(run_id, "queued")])
+            out.data(
+                {"run_id": run_id, "kind": kind, "status": "queued"},
+                columns=("run", "status"),
+                rows=[(run_id, "queued")],
+            )
             out.status(f"queued; follow it with: dnd-client backup show {run_id}")
             return None
         if session_id is None:
@@ -71,8 +92,10 @@ def run_on_workers(kind: str, *, session_id: str | None, full: bool = False,
                 answer = async_result.get(timeout=COORDINATOR_TIMEOUT_S, propagate=True)
             if answer.get("status") == "skipped":
                 run_id = answer["running_run_id"]
-                out.status(f"a full {kind} is already running (run {run_id}); following it "
-                           "instead of starting another")
+                out.status(
+                    f"a full {kind} is already running (run {run_id}); following it "
+                    "instead of starting another"
+                )
     finally:
         # Let go of the result (and the results of the tasks it started, which
         # Celery attaches to it) now: their finalisers unsubscribe from the
@@ -82,8 +105,7 @@ def run_on_workers(kind: str, *, session_id: str | None, full: bool = False,
     return watch_run(run_id, kind=kind, timeout=timeout, needed_queues=needed)
 
 
-def watch_run(run_id: str, *, kind: str, timeout: float | None,
-              needed_queues: list[str]) -> Run:
+def watch_run(run_id: str, *, kind: str, timeout: float | None, needed_queues: list[str]) -> Run:
     """Follow a run in PostgreSQL until it is done, with a progress bar on a terminal."""
     from worker.celery import app
 
@@ -169,7 +191,8 @@ class _broker_errors:  # noqa: N801 - a context manager, reads like one
 
         if isinstance(exc, OperationalError | ConnectionError | RedisConnectionError):
             raise ServiceUnavailable(
-                "the Celery broker", "CELERY_BROKER_URL",
+                "the Celery broker",
+                "CELERY_BROKER_URL",
                 f"{redact_url(self.config.broker_url)}: {exc}",
             ) from exc
         if isinstance(exc, CeleryTimeout):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 
 import click
 
@@ -30,14 +31,29 @@ def kept() -> None:
 @output_option
 def list_kept(include_resolved: bool, run_id: str | None, limit: int, output: str) -> int:
     """Kept-aside records, newest first (unresolved ones unless --all)."""
+    if run_id is not None:
+        try:
+            run_id = str(uuid.UUID(run_id))
+        except ValueError:
+            raise click.BadParameter(f"not a run ID: {run_id!r}", param_hint="--run") from None
     with open_postgres(settings()) as pg:
         records = pg.kept_records(limit=limit, include_resolved=include_resolved, run_id=run_id)
     out = Output(output)
     out.data(
         records,
         columns=("id", "kind", "session", "key", "reason", "seen", "resolved"),
-        rows=[(r["id"], r["kind"], r["session_id"], r["redis_key"], _clip(r["reason"], 70),
-               r["times_seen"], "yes" if r["resolved_at"] else "no") for r in records],
+        rows=[
+            (
+                r["id"],
+                r["kind"],
+                r["session_id"],
+                r["redis_key"],
+                _clip(r["reason"], 70),
+                r["times_seen"],
+                "yes" if r["resolved_at"] else "no",
+            )
+            for r in records
+        ],
     )
     if not records and not out.json:
         out.status("no kept records" + ("" if include_resolved else " (unresolved)"))
@@ -65,12 +81,17 @@ def show_kept(record_id: int, raw: bool, output: str) -> int:
 
 
 @kept.command("resolve")
-@click.argument("record_ids", type=int, nargs=-1, required=True)
-def resolve_kept(record_ids: tuple[int, ...]) -> int:
+# IDs are bigint: a larger number is a bad argument, not a PostgreSQL error.
+@click.argument("record_ids", type=click.IntRange(1, 2**63 - 1), nargs=-1, required=True)
+@output_option
+def resolve_kept(record_ids: tuple[int, ...], output: str) -> int:
     """Mark kept records resolved (fixed in Redis, or deliberately dropped)."""
     with open_postgres(settings()) as pg:
         count = pg.resolve_kept_records(list(record_ids))
-    click.echo(f"resolved {count} record(s)", err=True)
+    out = Output(output)
+    out.data({"resolved": count})
+    if not out.json:
+        out.status(f"resolved {count} record(s)")
     return exit_codes.OK
 
 

@@ -123,8 +123,13 @@ def _scrub(message: str) -> str:
     from urllib.parse import urlsplit
 
     secrets = {os.environ.get("POSTGRES_PASSWORD", "")}
-    for name in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
-                 "FLOWER_BASIC_AUTH"):
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "CELERY_BROKER_URL",
+        "CELERY_RESULT_BACKEND",
+        "FLOWER_BASIC_AUTH",
+    ):
         value = os.environ.get(name, "")
         if name == "FLOWER_BASIC_AUTH":
             secrets.update(part.partition(":")[2] for part in value.split(","))

@@ -25,14 +25,22 @@ def up(output: str) -> int:
     out = Output(output)
     out.data({"applied": applied}, columns=("applied",), rows=[(m,) for m in applied])
     if not out.json:
-        out.status(f"applied {len(applied)} migration(s)" if applied
-                   else "already up to date: nothing to apply")
+        out.status(
+            f"applied {len(applied)} migration(s)"
+            if applied
+            else "already up to date: nothing to apply"
+        )
     return exit_codes.OK
 
 
 @migrate.command()
-@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="How many of the latest applied migrations to roll back.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many of the latest applied migrations to roll back.",
+)
 @click.option("--all", "everything", is_flag=True, help="Roll back every applied migration.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @output_option
@@ -51,12 +59,19 @@ def down(steps: int, everything: bool, yes: bool, output: str) -> int:
         if not out.json:
             out.status("nothing to roll back: no migration is applied")
         return exit_codes.OK
-    if not yes and sys.stdin.isatty():
-        click.confirm(f"Roll back {', '.join(chosen)}? Their tables and data are dropped",
-                      abort=True, err=True)
+    if (
+        not yes
+        and sys.stdin.isatty()
+        and not click.confirm(
+            f"Roll back {', '.join(chosen)}? Their tables and data are dropped", err=True
+        )
+    ):
+        out.status("nothing rolled back")
+        return exit_codes.FAILURE
     rolled_back = migrations.down(config, steps=None if everything else steps)
-    out.data({"rolled_back": rolled_back}, columns=("rolled back",),
-             rows=[(m,) for m in rolled_back])
+    out.data(
+        {"rolled_back": rolled_back}, columns=("rolled back",), rows=[(m,) for m in rolled_back]
+    )
     if not out.json:
         out.status(f"rolled back {len(rolled_back)} migration(s)")
     return exit_codes.OK
@@ -74,11 +89,16 @@ def status(output: str) -> int:
             "pending": [s.id for s in states if not s.applied],
         },
         columns=("migration", "state", "applied at"),
-        rows=[(s.id, "applied" if s.applied else "pending",
-               s.applied_at.astimezone() if s.applied_at else None) for s in states],
+        rows=[
+            (
+                s.id,
+                "applied" if s.applied else "pending",
+                s.applied_at.astimezone() if s.applied_at else None,
+            )
+            for s in states
+        ],
     )
     if not out.json:
         pending = sum(not s.applied for s in states)
-        out.status(f"{pending} pending: run `dnd-client migrate up`" if pending
-                   else "up to date")
+        out.status(f"{pending} pending: run `dnd-client migrate up`" if pending else "up to date")
     return exit_codes.OK

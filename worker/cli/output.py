@@ -25,8 +25,13 @@ class Output:
     def json(self) -> bool:
         return self.fmt == "json"
 
-    def data(self, payload: Any, *, columns: Sequence[str] | None = None,
-             rows: Sequence[Sequence[Any]] | None = None) -> None:
+    def data(
+        self,
+        payload: Any,
+        *,
+        columns: Sequence[str] | None = None,
+        rows: Sequence[Sequence[Any]] | None = None,
+    ) -> None:
         """Print ``payload`` as JSON, or ``rows`` under ``columns`` as a table."""
         if self.json:
             self.stdout.write(json.dumps(payload, indent=2, default=_json_default) + "\n")
@@ -47,8 +52,12 @@ class Output:
             return
         rows = [
             ("run", run.id),
-            ("kind", f"{run.kind} ({'one session' if run.scope == 'session' else 'all sessions'})"
-                     + (", forced" if run.forced else "")),
+            (
+                "kind",
+                f"{run.kind} ({'one session' if run.scope == 'session' else 'all sessions'})"
+                + (", forced" if run.forced else "")
+                + (f", drill into {run.details.get('target')}" if run.details.get("drill") else ""),
+            ),
             ("status", run.status.value),
             ("sessions", run.session_count),
             ("messages", run.message_count),
@@ -56,31 +65,41 @@ class Output:
             ("failed sessions", run.failed_count),
             ("duration", format_duration(run.duration_ms)),
         ]
-        skipped = run.details.get("soft_deleted_not_restored")
-        if skipped:
-            rows.append(("soft-deleted (never restored)", skipped))
+        if run.details.get("unchanged"):
+            rows.append(("unchanged since the last backup", run.details["unchanged"]))
+        if run.details.get("skipped"):
+            # Restore: already in Redis (no --force) or soft-deleted; backup: gone
+            # from Redis since the listing. `backup show RUN --sessions all` says which.
+            rows.append(("sessions skipped", run.details["skipped"]))
+        deleted = run.details.get("soft_deleted_not_restored")
+        if deleted:
+            rows.append(("soft-deleted (never restored)", deleted))
         if run.error:
             rows.append(("error", run.error))
         self.stdout.write(render_table(("", ""), rows, header=False))
         if failed:
             self.stdout.write("\n")
-            self.stdout.write(render_table(
-                ("failed session", "error"),
-                [(r.session_id, r.error or "") for r in failed[:20]],
-            ))
+            self.stdout.write(
+                render_table(
+                    ("failed session", "error"),
+                    [(r.session_id, r.error or "") for r in failed[:20]],
+                )
+            )
             if len(failed) > 20:
                 self.stdout.write(f"... and {len(failed) - 20} more (--output json lists all)\n")
         if run.kept_count:
-            self.status("records kept aside: dnd-client kept list (or the persistence_kept_records "
-                        "table)")
+            self.status(
+                "records kept aside: dnd-client kept list (or the persistence_kept_records table)"
+            )
         self.stdout.flush()
 
 
 class ProgressBar:
     """Progress of a run on stderr: a bar on a terminal, nothing when piped."""
 
-    def __init__(self, label: str, stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
+    def __init__(
+        self, label: str, stream: TextIO | None = None, enabled: bool | None = None
+    ) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
@@ -90,7 +109,11 @@ class ProgressBar:
     def start(self, run: Run, total: int) -> None:
         if self.enabled and total > 1:
             self._bar = click.progressbar(
-                length=total, label=self.label, file=self.stream, show_pos=True, show_eta=True,
+                length=total,
+                label=self.label,
+                file=self.stream,
+                show_pos=True,
+                show_eta=True,
                 item_show_func=lambda _: f"{self.totals.messages} messages",
             )
             self._bar.__enter__()
@@ -113,8 +136,9 @@ class ProgressBar:
             bar.__exit__(None, None, None)
 
 
-def render_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *,
-                 header: bool = True) -> str:
+def render_table(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], *, header: bool = True
+) -> str:
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [len(c) for c in columns]
     for row in cells:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import click
@@ -21,30 +22,52 @@ from worker.cli.output import Output, ProgressBar, format_duration, run_exit_sta
 from worker.models import Run, RunStatus, SessionStatus
 from worker.services import open_postgres, open_services
 
+
 class _Duration(click.ParamType):  # type: ignore[type-arg]
     """An age like 30d, 12h, 90m, 2w or 45s; a bare number is days."""
 
     name = "duration"
-    _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    _UNITS: ClassVar[dict[str, str]] = {
+        "s": "seconds",
+        "m": "minutes",
+        "h": "hours",
+        "d": "days",
+        "w": "weeks",
+    }
 
-    def convert(self, value: object, param: click.Parameter | None,
-                ctx: click.Context | None) -> timedelta:
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
         if isinstance(value, timedelta):
             return value
         match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", str(value))
         if match is None:
             self.fail(f"{value!r} is not an age like 30d, 12h, 90m or 2w", param, ctx)
         amount, unit = int(match.group(1)), match.group(2) or "d"
-        return timedelta(**{self._UNITS[unit]: amount})
+        try:
+            age = timedelta(**{self._UNITS[unit]: amount})
+        except OverflowError:
+            age = timedelta.max
+        if age >= datetime.now(UTC) - datetime(1, 1, 1, tzinfo=UTC):
+            self.fail(f"{value!r} goes back before the year 1", param, ctx)
+        return age
 
 
 DURATION = _Duration()
 
 WAIT_OPTIONS = [
-    click.option("--no-wait", is_flag=True,
-                 help="Hand the run to the workers, print its ID and return at once."),
-    click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
-                 help="Stop waiting after this long (the run goes on); default: wait until done."),
+    click.option(
+        "--no-wait",
+        is_flag=True,
+        help="Hand the run to the workers, print its ID and return at once.",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=1),
+        default=None,
+        metavar="SECONDS",
+        help="Stop waiting after this long (the run goes on); default: wait until done.",
+    ),
 ]
 
 
@@ -58,18 +81,30 @@ def _wait_options(func: F) -> F:
 
 
 @click.group(invoke_without_command=True)
-@click.option("--all", "all_sessions", is_flag=True,
-              help="Back up every session in the sessions set.")
+@click.option(
+    "--all", "all_sessions", is_flag=True, help="Back up every session in the sessions set."
+)
 @session_option("Back up")
-@click.option("--full", is_flag=True,
-              help="Read every message again instead of only what changed (slower; also "
-                   "picks up messages edited or replaced in place).")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Read every message again instead of only what changed (slower; also "
+    "picks up messages edited or replaced in place).",
+)
 @local_option
 @_wait_options
 @output_option
 @click.pass_context
-def backup(ctx: click.Context, all_sessions: bool, session_id: str | None, full: bool,
-           local: bool, no_wait: bool, timeout: float | None, output: str) -> int | None:
+def backup(
+    ctx: click.Context,
+    all_sessions: bool,
+    session_id: str | None,
+    full: bool,
+    local: bool,
+    no_wait: bool,
+    timeout: float | None,
+    output: str,
+) -> int | None:
     """Back up sessions from Redis into PostgreSQL (--all, or --session ID).
 
     Sessions are upserted by ID and only what changed since the last backup is
@@ -86,15 +121,32 @@ def backup(ctx: click.Context, all_sessions: bool, session_id: str | None, full:
             raise click.UsageError("--all/--session/--full/--local go without a subcommand")
         return None
     one_of_all_or_session(all_sessions, session_id, " (or a subcommand: list, show)")
-    return _start("backup", session_id=session_id, local=local, no_wait=no_wait,
-                  timeout=timeout, output=output, full=full)
+    return _start(
+        "backup",
+        session_id=session_id,
+        local=local,
+        no_wait=no_wait,
+        timeout=timeout,
+        output=output,
+        full=full,
+    )
 
 
 @backup.command("list")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
-              help="How many runs to show.")
-@click.option("--kind", type=click.Choice(["all", "backup", "restore", "verify"]),
-              default="all", show_default=True, help="Only runs of this kind.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="How many runs to show.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["all", "backup", "restore", "verify"]),
+    default="all",
+    show_default=True,
+    help="Only runs of this kind.",
+)
 @output_option
 def list_runs(limit: int, kind: str, output: str) -> int:
     """The latest runs (backups, restores, verifies), newest first."""
@@ -103,12 +155,31 @@ def list_runs(limit: int, kind: str, output: str) -> int:
     out = Output(output)
     out.data(
         [r.as_dict() for r in runs],
-        columns=("started", "run", "kind", "scope", "status", "sessions", "messages", "kept",
-                 "failed", "duration"),
+        columns=(
+            "started",
+            "run",
+            "kind",
+            "scope",
+            "status",
+            "sessions",
+            "messages",
+            "kept",
+            "failed",
+            "duration",
+        ),
         rows=[
-            (r.created_at.astimezone(), r.id, r.kind, _scope(r), r.status.value,
-             _sessions(r), r.message_count, r.kept_count, r.failed_count,
-             format_duration(r.duration_ms) if r.done else "running")
+            (
+                r.created_at.astimezone(),
+                r.id,
+                r.kind,
+                _scope(r),
+                r.status.value,
+                _sessions(r),
+                r.message_count,
+                r.kept_count,
+                r.failed_count,
+                format_duration(r.duration_ms) if r.done else "running",
+            )
             for r in runs
         ],
     )
@@ -119,9 +190,14 @@ def list_runs(limit: int, kind: str, output: str) -> int:
 
 @backup.command("show")
 @click.argument("run_id", metavar="RUN_ID")
-@click.option("--sessions", "show_sessions", type=click.Choice(["problems", "all"]),
-              default="problems", show_default=True,
-              help="Which per-session results to list.")
+@click.option(
+    "--sessions",
+    "show_sessions",
+    type=click.Choice(["problems", "all"]),
+    default="problems",
+    show_default=True,
+    help="Which per-session results to list.",
+)
 @output_option
 def show_run(run_id: str, show_sessions: str, output: str) -> int:
     """One run: its totals and its per-session results."""
@@ -137,8 +213,11 @@ def show_run(run_id: str, show_sessions: str, output: str) -> int:
             raise click.BadParameter(f"no run {run_id}", param_hint="RUN_ID")
         results = pg.run_results(run_id)
     if show_sessions == "problems":
-        results = [r for r in results
-                   if r.status in (SessionStatus.FAILED, SessionStatus.PARTIAL) or r.error]
+        results = [
+            r
+            for r in results
+            if r.status in (SessionStatus.FAILED, SessionStatus.PARTIAL) or r.error
+        ]
     out = Output(output)
     if out.json:
         payload = run.as_dict()
@@ -148,19 +227,33 @@ def show_run(run_id: str, show_sessions: str, output: str) -> int:
         out.run(run)
         if results:
             out.stdout.write("\n")
-            out.data(None, columns=("session", "status", "messages", "kept", "shard", "worker",
-                                    "error"),
-                     rows=[(r.session_id, r.status.value, r.messages, r.kept, r.shard, r.worker,
-                            r.error) for r in results])
+            out.data(
+                None,
+                columns=("session", "status", "messages", "kept", "shard", "worker", "error"),
+                rows=[
+                    (r.session_id, r.status.value, r.messages, r.kept, r.shard, r.worker, r.error)
+                    for r in results
+                ],
+            )
     return run_exit_status(run)
 
 
 @backup.command("prune")
-@click.option("--keep", type=click.IntRange(min=0), default=None, metavar="N",
-              help="Keep the newest N finished runs of each kind (backup, restore, verify).")
-@click.option("--older-than", "older_than", type=DURATION, default=None, metavar="AGE",
-              help="Remove runs that ended more than AGE ago: 30d, 12h, 90m, 2w "
-                   "(a bare number is days).")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Keep the newest N finished runs of each kind (backup, restore, verify).",
+)
+@click.option(
+    "--older-than",
+    "older_than",
+    type=DURATION,
+    default=None,
+    metavar="AGE",
+    help="Remove runs that ended more than AGE ago: 30d, 12h, 90m, 2w (a bare number is days).",
+)
 @click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
 @output_option
 def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output: str) -> int:
@@ -178,9 +271,11 @@ def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output:
     with open_postgres(settings()) as pg:
         counts = pg.prune(keep=keep, before=before, dry_run=dry_run)
     out = Output(output)
-    out.data({**counts, "dry_run": dry_run}, columns=("removed" if not dry_run
-                                                        else "would remove", "count"),
-             rows=[(name.replace("_", " "), value) for name, value in counts.items()])
+    out.data(
+        {**counts, "dry_run": dry_run},
+        columns=("removed" if not dry_run else "would remove", "count"),
+        rows=[(name.replace("_", " "), value) for name, value in counts.items()],
+    )
     return exit_codes.OK
 
 
@@ -188,26 +283,51 @@ def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output:
 
 
 @click.command()
-@click.option("--all", "all_sessions", is_flag=True,
-              help="Restore every session in PostgreSQL (soft-deleted ones never are).")
+@click.option(
+    "--all",
+    "all_sessions",
+    is_flag=True,
+    help="Restore every session in PostgreSQL (soft-deleted ones never are).",
+)
 @session_option("Restore")
-@click.option("--force", is_flag=True,
-              help="Replace sessions that exist in Redis (their hash and all their messages; "
-                   "messages never backed up are lost). Without it they are skipped.")
-@click.option("--target-redis", metavar="URL", default=None,
-              help="Drill: restore into this Redis instead of REDIS_URL, then verify it. "
-                   "The live data is never touched.")
-@click.option("--target-prefix", metavar="PREFIX", default=None,
-              help="Drill: restore under this key prefix instead of REDIS_KEY_PREFIX, then "
-                   "verify it (on REDIS_URL unless --target-redis).")
-@click.option("--cleanup", is_flag=True,
-              help="Drill: delete the target prefix's keys after verifying.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace sessions that exist in Redis (their hash and all their messages; "
+    "messages never backed up are lost). Without it they are skipped.",
+)
+@click.option(
+    "--target-redis",
+    metavar="URL",
+    default=None,
+    help="Drill: restore into this Redis instead of REDIS_URL, then verify it. "
+    "The live data is never touched.",
+)
+@click.option(
+    "--target-prefix",
+    metavar="PREFIX",
+    default=None,
+    help="Drill: restore under this key prefix instead of REDIS_KEY_PREFIX, then "
+    "verify it (on REDIS_URL unless --target-redis).",
+)
+@click.option(
+    "--cleanup", is_flag=True, help="Drill: delete the target prefix's keys after verifying."
+)
 @local_option
 @_wait_options
 @output_option
-def restore(all_sessions: bool, session_id: str | None, force: bool, target_redis: str | None,
-            target_prefix: str | None, cleanup: bool, local: bool, no_wait: bool,
-            timeout: float | None, output: str) -> int:
+def restore(
+    all_sessions: bool,
+    session_id: str | None,
+    force: bool,
+    target_redis: str | None,
+    target_prefix: str | None,
+    cleanup: bool,
+    local: bool,
+    no_wait: bool,
+    timeout: float | None,
+    output: str,
+) -> int:
     """Restore sessions from PostgreSQL into Redis (--all, or --session ID).
 
     A session that already exists in Redis is skipped unless --force; a
@@ -224,16 +344,36 @@ def restore(all_sessions: bool, session_id: str | None, force: bool, target_redi
     if target_redis is not None or target_prefix is not None:
         if no_wait:
             raise click.UsageError("a drill runs in this process; --no-wait does not apply")
-        return _drill(session_id=session_id, force=force, target_url=target_redis,
-                      target_prefix=target_prefix, cleanup=cleanup, output=output)
+        return _drill(
+            session_id=session_id,
+            force=force,
+            target_url=target_redis,
+            target_prefix=target_prefix,
+            cleanup=cleanup,
+            output=output,
+        )
     if cleanup:
         raise click.UsageError("--cleanup is for drills (--target-redis / --target-prefix)")
-    return _start("restore", session_id=session_id, local=local, no_wait=no_wait,
-                  timeout=timeout, output=output, force=force)
+    return _start(
+        "restore",
+        session_id=session_id,
+        local=local,
+        no_wait=no_wait,
+        timeout=timeout,
+        output=output,
+        force=force,
+    )
 
 
-def _drill(*, session_id: str | None, force: bool, target_url: str | None,
-           target_prefix: str | None, cleanup: bool, output: str) -> int:
+def _drill(
+    *,
+    session_id: str | None,
+    force: bool,
+    target_url: str | None,
+    target_prefix: str | None,
+    cleanup: bool,
+    output: str,
+) -> int:
     from worker.cli.verify_cmd import (
         problems_of,
         report_verify,
@@ -250,15 +390,23 @@ def _drill(*, session_id: str | None, force: bool, target_url: str | None,
         if scheme not in ("redis", "rediss", "unix"):
             raise click.BadParameter("must be a redis:// URL", param_hint="--target-redis")
     if target_prefix is not None and any(ch in target_prefix for ch in "*?[]{} \t\r\n"):
-        raise click.BadParameter("no glob characters, braces or spaces",
-                                 param_hint="--target-prefix")
+        raise click.BadParameter(
+            "no glob characters, braces or spaces", param_hint="--target-prefix"
+        )
     out = Output(output)
     restoring, verifying = ProgressBar("restoring (drill)"), ProgressBar("verifying (drill)")
     with open_services(settings()) as services:
         try:
-            report = run_drill(services, target_url=target_url, target_prefix=target_prefix,
-                               session_id=session_id, force=force, cleanup=cleanup,
-                               restore_progress=restoring, verify_progress=verifying)
+            report = run_drill(
+                services,
+                target_url=target_url,
+                target_prefix=target_prefix,
+                session_id=session_id,
+                force=force,
+                cleanup=cleanup,
+                restore_progress=restoring,
+                verify_progress=verifying,
+            )
         finally:
             restoring.close()
             verifying.close()
@@ -267,9 +415,14 @@ def _drill(*, session_id: str | None, force: bool, target_url: str | None,
         # One JSON document: the restore, then the verify with its differences.
         problems = problems_of(report.verify)
         status = verify_exit_status(report.verify, problems)
-        out.data({"target": report.target, "restore": report.restore.as_dict(),
-                  "verify": verify_payload(report.verify, problems),
-                  "cleaned_up_keys": report.cleaned_up})
+        out.data(
+            {
+                "target": report.target,
+                "restore": report.restore.as_dict(),
+                "verify": verify_payload(report.verify, problems),
+                "cleaned_up_keys": report.cleaned_up,
+            }
+        )
     else:
         out.run(report.restore)
         out.stdout.write("\n")
@@ -284,8 +437,17 @@ def _drill(*, session_id: str | None, force: bool, target_url: str | None,
 # -- shared -------------------------------------------------------------------
 
 
-def _start(kind: str, *, session_id: str | None, local: bool, no_wait: bool,
-           timeout: float | None, output: str, full: bool = False, force: bool = False) -> int:
+def _start(
+    kind: str,
+    *,
+    session_id: str | None,
+    local: bool,
+    no_wait: bool,
+    timeout: float | None,
+    output: str,
+    full: bool = False,
+    force: bool = False,
+) -> int:
     out = Output(output)
     if local:
         if no_wait:
@@ -293,8 +455,15 @@ def _start(kind: str, *, session_id: str | None, local: bool, no_wait: bool,
         return _report(_run_local(kind, session_id=session_id, full=full, force=force), out)
     from worker.cli.dispatch import run_on_workers
 
-    run = run_on_workers(kind, session_id=session_id, full=full, force=force,
-                         no_wait=no_wait, timeout=timeout, out=out)
+    run = run_on_workers(
+        kind,
+        session_id=session_id,
+        full=full,
+        force=force,
+        no_wait=no_wait,
+        timeout=timeout,
+        out=out,
+    )
     if run is None:  # --no-wait: the run ID was printed
         return exit_codes.OK
     return _report(run, out)

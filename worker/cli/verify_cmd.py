@@ -20,21 +20,38 @@ from worker.services import open_postgres, open_services
 
 
 @click.command()
-@click.option("--all", "all_sessions", is_flag=True,
-              help="Verify every session in Redis or in the backup.")
+@click.option(
+    "--all", "all_sessions", is_flag=True, help="Verify every session in Redis or in the backup."
+)
 @session_option("Verify")
-@click.option("--quick", is_flag=True,
-              help="Compare Redis with the checksums the last backup recorded, without "
-                   "reading the messages back from PostgreSQL (falls back to the full "
-                   "comparison for a session that does not match).")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Compare Redis with the checksums the last backup recorded, without "
+    "reading the messages back from PostgreSQL (falls back to the full "
+    "comparison for a session that does not match).",
+)
 @local_option
-@click.option("--no-wait", is_flag=True,
-              help="Hand the run to the workers, print its ID and return at once.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
-              help="Stop waiting after this long (the run goes on).")
+@click.option(
+    "--no-wait", is_flag=True, help="Hand the run to the workers, print its ID and return at once."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    metavar="SECONDS",
+    help="Stop waiting after this long (the run goes on).",
+)
 @output_option
-def verify(all_sessions: bool, session_id: str | None, quick: bool, local: bool,
-           no_wait: bool, timeout: float | None, output: str) -> int:
+def verify(
+    all_sessions: bool,
+    session_id: str | None,
+    quick: bool,
+    local: bool,
+    no_wait: bool,
+    timeout: float | None,
+    output: str,
+) -> int:
     """Compare Redis and PostgreSQL session by session and print what differs.
 
     For each session: its fields, its messages by ID and their content by
@@ -59,8 +76,16 @@ def verify(all_sessions: bool, session_id: str | None, quick: bool, local: bool,
     else:
         from worker.cli.dispatch import run_on_workers
 
-        on_workers = run_on_workers("verify", session_id=session_id, full=False, force=False,
-                                    quick=quick, no_wait=no_wait, timeout=timeout, out=out)
+        on_workers = run_on_workers(
+            "verify",
+            session_id=session_id,
+            full=False,
+            force=False,
+            quick=quick,
+            no_wait=no_wait,
+            timeout=timeout,
+            out=out,
+        )
         if on_workers is None:
             return exit_codes.OK
         run = on_workers
@@ -90,12 +115,18 @@ def report_verify(run: Run, out: Output) -> int:
         out.run(run)
         if problems:
             out.stdout.write("\n")
-            out.data(None, columns=("session", "status", "what differs"),
-                     rows=[(r.session_id, r.status.value, r.error) for r in problems[:50]])
+            out.data(
+                None,
+                columns=("session", "status", "what differs"),
+                rows=[(r.session_id, r.status.value, r.error) for r in problems[:50]],
+            )
             if len(problems) > 50:
                 out.stdout.write(f"... and {len(problems) - 50} more (--output json lists all)\n")
-        out.status("Redis and the backup agree" if run.status is RunStatus.COMPLETED
-                   else f"verify: {len(problems)} session(s) differ or failed")
+        out.status(
+            "Redis and the backup agree"
+            if run.status is RunStatus.COMPLETED
+            else f"verify: {len(problems)} session(s) differ or failed"
+        )
     return verify_exit_status(run, problems)
 
 

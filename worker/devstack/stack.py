@@ -16,6 +16,7 @@ log says what happened.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -72,6 +73,7 @@ class Options:
     flower: bool = True
     stop_timeout: float = 30.0
     start_timeout: float = 90.0
+    output: str = "table"  # "json": the ready block as one JSON object on stdout
 
 
 class Console:
@@ -224,7 +226,10 @@ class DevStack:
         for child in started:
             if not self._wait(child, self._ready_check(child), opts.start_timeout, stop):
                 return False
-        self.console.show(self._ready_text(child_env, flower_auth))
+        if opts.output == "json":
+            self.console.show(self._ready_json(child_env, flower_auth))
+        else:
+            self.console.show(self._ready_text(child_env, flower_auth))
         return True
 
     def _child_env(self, flower_auth: str) -> dict[str, str]:
@@ -428,6 +433,45 @@ class DevStack:
                 lines.append(f"export {name}={shlex.quote(self.environ[name])}")
         lines += ["", READY_LINE, ""]
         return "\n".join(lines)
+
+    def _ready_json(self, env: Mapping[str, str], flower_auth: str) -> str:
+        """The ready block for programs: one JSON object, then the ready line."""
+        opts = self.options
+        exports = {
+            name: env[name]
+            for name in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL")
+            if not _given(self.environ, name)
+            and not (name == "DATABASE_URL" and self.postgres is None)
+        }
+        # As in the text: the settings another terminal must share, when given here.
+        exports.update(
+            {name: self.environ[name] for name in SHARED_SETTINGS if _given(self.environ, name)}
+        )
+        payload: dict[str, object] = {
+            "data_dir": str(self.data.root),
+            "logs": str(self.data.logs),
+            "redis": redact_url(env["REDIS_URL"]),
+            "broker": redact_url(env["CELERY_BROKER_URL"]),
+            "results": redact_url(env["CELERY_RESULT_BACKEND"]),
+            "database": (
+                self.postgres.url()
+                if self.postgres is not None
+                else redact_url(Settings.from_env(env).database_url)
+            ),
+            "worker": {"name": f"dev@{socket.gethostname()}", "concurrency": opts.concurrency},
+            "beat": {"schedule": env["BACKUP_SCHEDULE"]} if opts.beat else None,
+            # URLs given in the environment are not repeated: they are yours.
+            "exports": exports,
+        }
+        if opts.flower:
+            user, _, password = flower_auth.split(",")[0].partition(":")
+            generated = not _given(self.environ, "FLOWER_BASIC_AUTH")
+            payload["flower"] = {
+                "url": f"http://{HOST}:{opts.flower_port}/",
+                "user": user,
+                "password": password if generated else None,
+            }
+        return json.dumps(payload, indent=2) + "\n" + READY_LINE + "\n"
 
     # -- watch ------------------------------------------------------------------
 

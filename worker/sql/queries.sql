@@ -245,6 +245,8 @@ WITH totals AS (
            coalesce(sum(kept), 0) AS kept,
            -- A verify's 'different' sessions fail it as errors fail a backup.
            count(*) FILTER (WHERE status IN ('failed', 'different')) AS failed,
+           count(*) FILTER (WHERE status = 'skipped') AS skipped,
+           count(*) FILTER (WHERE status = 'unchanged') AS unchanged,
            (array_agg(session_id::text || ': ' || coalesce(error, 'no reason given')
                       ORDER BY finished_at) FILTER (WHERE status IN ('failed', 'different')))[1]
                AS first_failure
@@ -256,6 +258,8 @@ UPDATE persistence_snapshots AS s SET
     message_count = t.messages,
     kept_count = s.kept_count + t.kept,
     failed_count = t.failed,
+    -- What the summary shows beside the totals: why sessions moved nothing.
+    details = s.details || jsonb_build_object('skipped', t.skipped, 'unchanged', t.unchanged),
     finished_at = now(),
     duration_ms = (extract(epoch FROM now() - s.created_at) * 1000)::bigint,
     error = coalesce(%(error)s::text,
