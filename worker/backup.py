@@ -164,6 +164,7 @@ class BackupEngine:
     ) -> list[_SessionWork]:
         with self.pg.transaction():
             batch_started = time.monotonic()
+            self.pg.prefer_indexes()
             self.pg.lock_sessions(ids)
             marks = self.pg.watermarks(ids)
             probes = self.redis.probe(ids, marks)
@@ -175,10 +176,11 @@ class BackupEngine:
             overhead = (time.monotonic() - batch_started) / max(len(works), 1)
 
             copy = self.pg.message_copy()
+            copied = [w for w in works if w.plan in (MessagePlan.NEW, MessagePlan.APPEND)]
+            requests = [(w.session_id, w.after_score) for w in copied]
             try:
-                for work in works:
-                    if work.plan in (MessagePlan.NEW, MessagePlan.APPEND):
-                        self._copy_messages(work, copy, run_id)
+                for index, page in self.redis.read_many(requests, self.chunk):
+                    self._copy_page(copied[index], page, copy, run_id)
                 copy.pause()
             except BaseException as exc:
                 # End the COPY before the transaction rolls back: a connection
@@ -280,28 +282,34 @@ class BackupEngine:
 
     # -- moving messages ----------------------------------------------------
 
-    def _copy_messages(self, work: _SessionWork, copy: MessageCopy, run_id: str | None) -> None:
+    def _copy_page(
+        self,
+        work: _SessionWork,
+        page: list[tuple[bytes, float]],
+        copy: MessageCopy,
+        run_id: str | None,
+    ) -> None:
+        """One page of a session's messages into the COPY (pages come in score order)."""
         started = time.monotonic()
         sid = work.session_id
         key = self.keys.messages(sid)
-        for page in self.redis.read_messages(sid, work.after_score, self.chunk):
-            for raw, score in page:
-                try:
-                    row, lossy = parse_message(sid, raw)
-                except RecordRejected as rejected:
-                    work.keep(self._kept_message(sid, key, raw, score, rejected.reason))
-                else:
-                    copy.write(row)
-                    work.stored += 1
-                    work.written.add(message_digest(row))
-                    if lossy:
-                        work.keep(self._kept_message(sid, key, raw, score, lossy))
-            work.read += len(page)
-            work.last_score = page[-1][1]
-            if len(work.kept) >= KEPT_FLUSH_EVERY:
-                copy.pause()
-                self.pg.keep_records(work.kept, run_id)
-                work.kept.clear()
+        for raw, score in page:
+            try:
+                row, lossy = parse_message(sid, raw)
+            except RecordRejected as rejected:
+                work.keep(self._kept_message(sid, key, raw, score, rejected.reason))
+            else:
+                copy.write(row)
+                work.stored += 1
+                work.written.add(message_digest(row))
+                if lossy:
+                    work.keep(self._kept_message(sid, key, raw, score, lossy))
+        work.read += len(page)
+        work.last_score = page[-1][1]
+        if len(work.kept) >= KEPT_FLUSH_EVERY:
+            copy.pause()
+            self.pg.keep_records(work.kept, run_id)
+            work.kept.clear()
         work.seconds += time.monotonic() - started
 
     def _merge_messages(self, work: _SessionWork) -> None:

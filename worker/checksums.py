@@ -37,7 +37,21 @@ def _micros(value: datetime) -> int:
 def _json_value(text: str | None) -> object:
     # jsonb gives the value back with its keys reordered and other spacing:
     # parse, so that both sides hash the value, not the text.
-    return None if text is None else json.loads(text, parse_float=_number, parse_int=_number)
+    if text is None:
+        return None
+    value = orjson.loads(text)
+    if _has_number(value):
+        # Rare, and slower: numbers as jsonb writes them (see _number).
+        return json.loads(text, parse_float=_number, parse_int=_number)
+    return value
+
+
+def _has_number(value: object) -> bool:
+    if isinstance(value, dict):
+        return any(_has_number(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_number(item) for item in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _number(text: str) -> orjson.Fragment:

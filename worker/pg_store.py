@@ -68,9 +68,7 @@ class MessageCopy:
     def write(self, row: MessageRow) -> None:
         try:
             if self._copy is None:
-                self._stack = contextlib.ExitStack()
-                cursor = self._stack.enter_context(self._conn.cursor())
-                self._copy = self._stack.enter_context(cursor.copy(QUERIES["copy_messages"]))
+                self._copy = self._open()
             self._copy.write_row(row)
         except psycopg.errors.UniqueViolation as exc:
             self.abort(exc)
@@ -79,6 +77,11 @@ class MessageCopy:
             self.abort(exc)
             raise
         self.rows += 1
+
+    def _open(self) -> psycopg.Copy:
+        self._stack = contextlib.ExitStack()
+        cursor = self._stack.enter_context(self._conn.cursor())
+        return self._stack.enter_context(cursor.copy(QUERIES["copy_messages"]))
 
     def pause(self) -> None:
         """End the COPY in progress, if any; the rows so far reach the server."""
@@ -136,6 +139,11 @@ class PostgresStore:
         """Take the per-session locks for the current transaction (see queries.sql)."""
         with postgres_errors(self.settings):
             self.conn.execute(QUERIES["lock_sessions"], {"ids": list(session_ids)})
+
+    def prefer_indexes(self) -> None:
+        """For the current transaction: look rows up by index (see queries.sql)."""
+        with postgres_errors(self.settings):
+            self.conn.execute(QUERIES["prefer_indexes"])
 
     def watermarks(self, session_ids: Sequence[str]) -> dict[str, Watermark]:
         with postgres_errors(self.settings):

@@ -8,12 +8,19 @@ start, per-session results as batches finish, and totals at the end.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import psycopg
+
+from worker.connections import connect_postgres
 from worker.errors import DndError, LockTimeout
 from worker.models import Run, SessionResult, SessionStatus
+from worker.pg_store import PostgresStore
 from worker.records import parse_session_id
 from worker.services import Services
 
@@ -56,25 +63,17 @@ def backup_run(
         run = pg.start_run(
             "backup", "session", expected_sessions=1, details={**info, "session_id": session_id}
         )
-        batches: Iterator[list[str]] = iter([[session_id]])
-        total = 1
+        ids = [session_id]
     else:
         ids, bad = engine.list_sessions()
         run = pg.start_run("backup", "all", expected_sessions=len(ids), kept=len(bad), details=info)
         pg.keep_records(bad, run.id)
-        batches = chunked(ids, services.settings.batch_sessions)
-        total = len(ids)
-    progress.start(run, total)
-    with _finish_on_error(services, run):
-        for batch in batches:
-            try:
-                results = engine.backup_batch(
-                    run.id, batch, full=full, explicit=session_id is not None
-                )
-            except LockTimeout as exc:
-                results = _failed(services, run.id, batch, str(exc))
-            progress.advance(results)
-    return pg.finish_run(run.id)
+    explicit = session_id is not None
+
+    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
+        return on.backup_engine().backup_batch(run.id, sessions, full=full, explicit=explicit)
+
+    return _run_batches(services, run, ids, batch, progress)
 
 
 def restore_run(
@@ -88,7 +87,6 @@ def restore_run(
     """Restore one session or every live (not soft-deleted) session in PostgreSQL."""
     progress = progress or NoProgress()
     pg = services.pg
-    engine = services.restore_engine()
     if session_id is not None:
         session_id = parse_session_id(session_id)
     info = {"mode": "local", **(details or {})}
@@ -111,17 +109,12 @@ def restore_run(
             expected_sessions=len(ids),
             details={**info, "soft_deleted_not_restored": deleted},
         )
-    progress.start(run, len(ids))
-    with _finish_on_error(services, run):
-        for batch in chunked(ids, services.settings.batch_sessions):
-            try:
-                results = engine.restore_batch(
-                    run.id, batch, force=force, explicit=session_id is not None
-                )
-            except LockTimeout as exc:
-                results = _failed(services, run.id, batch, str(exc))
-            progress.advance(results)
-    return pg.finish_run(run.id)
+    explicit = session_id is not None
+
+    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
+        return on.restore_engine().restore_batch(run.id, sessions, force=force, explicit=explicit)
+
+    return _run_batches(services, run, ids, batch, progress)
 
 
 def verify_run(
@@ -146,15 +139,83 @@ def verify_run(
     else:
         ids = engine.session_ids()
         run = pg.start_run("verify", "all", expected_sessions=len(ids), details=info)
+
+    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
+        return on.verify_engine().verify_batch(run.id, sessions, quick=quick)
+
+    return _run_batches(services, run, ids, batch, progress)
+
+
+BatchWork = Callable[[Services, list[str]], list[SessionResult]]
+
+
+def _run_batches(
+    services: Services, run: Run, ids: Sequence[str], work: BatchWork, progress: Progress
+) -> Run:
+    """Run ``work`` over the run's sessions, batch by batch, then finish the run.
+
+    With LOCAL_CONNECTIONS above 1, batches run on that many threads, each with
+    a PostgreSQL connection of its own: while one thread waits for PostgreSQL to
+    take its COPY, another parses (a backup is CPU on both sides at once; one
+    pipeline leaves one side idle part of the time). The Redis client is shared
+    (redis-py's pool is thread-safe). Results are reported as batches finish.
+    """
+    batches = list(chunked(ids, services.settings.batch_sessions))
     progress.start(run, len(ids))
+    threads = min(services.settings.local_connections, len(batches))
     with _finish_on_error(services, run):
-        for batch in chunked(ids, services.settings.batch_sessions):
-            try:
-                results = engine.verify_batch(run.id, batch, quick=quick)
-            except LockTimeout as exc:
-                results = _failed(services, run.id, batch, str(exc))
-            progress.advance(results)
-    return pg.finish_run(run.id)
+        if threads <= 1:
+            for sessions in batches:
+                progress.advance(_one_batch(services, run, sessions, work))
+        else:
+            with (
+                _thread_services(services) as per_thread,
+                ThreadPoolExecutor(threads, thread_name_prefix="batch") as pool,
+            ):
+                futures = [
+                    pool.submit(lambda b: _one_batch(per_thread(), run, b, work), sessions)
+                    for sessions in batches
+                ]
+                try:
+                    for future in as_completed(futures):
+                        progress.advance(future.result())
+                except BaseException:
+                    for future in futures:
+                        future.cancel()  # batches not started yet; running ones finish
+                    raise
+    return services.pg.finish_run(run.id)
+
+
+def _one_batch(
+    services: Services, run: Run, sessions: list[str], work: BatchWork
+) -> list[SessionResult]:
+    try:
+        return work(services, sessions)
+    except LockTimeout as exc:
+        return _failed(services, run.id, sessions, str(exc))
+
+
+@contextlib.contextmanager
+def _thread_services(services: Services) -> Iterator[Callable[[], Services]]:
+    """A Services per thread, on a PostgreSQL connection of its own; all closed at the end."""
+    local = threading.local()
+    opened: list[psycopg.Connection[Any]] = []
+    lock = threading.Lock()
+
+    def current() -> Services:
+        mine = getattr(local, "services", None)
+        if mine is None:
+            conn = connect_postgres(services.settings)
+            with lock:
+                opened.append(conn)
+            mine = local.services = replace(services, pg=PostgresStore(conn, services.settings))
+        return mine
+
+    try:
+        yield current
+    finally:
+        for conn in opened:
+            conn.close()
 
 
 def _failed(

@@ -56,6 +56,8 @@ class Settings:
 
     # -- PostgreSQL ---------------------------------------------------------
     pool_size: int = 4
+    # PostgreSQL connections (one thread each) a --local run works with at once.
+    local_connections: int = 2
     # Celery's time limits cannot interrupt a driver call blocked in C (Celery
     # issue #3878), so the server must give up on its own.
     statement_timeout_ms: int = 600_000
@@ -120,6 +122,7 @@ class Settings:
             batch_sessions=_int(env, "BACKUP_BATCH_SESSIONS", d.batch_sessions, 1, 10_000),
             chunk_messages=_int(env, "BACKUP_CHUNK_MESSAGES", d.chunk_messages, 10, 1_000_000),
             pool_size=_int(env, "DATABASE_POOL_SIZE", d.pool_size, 1, 100),
+            local_connections=_int(env, "LOCAL_CONNECTIONS", d.local_connections, 1, 32),
             statement_timeout_ms=_int(
                 env, "DATABASE_STATEMENT_TIMEOUT_MS", d.statement_timeout_ms, 0, 86_400_000
             ),

@@ -65,7 +65,8 @@ def _sessions(redis_client, keys, count, messages_each=2):
 def test_backup_run_is_running_until_it_ends(env, redis_client, keys, pg_conn):
     sids = _sessions(redis_client, keys, 5)
     progress = RecordingProgress(pg_conn)
-    settings = Settings.from_env({**env, "BACKUP_BATCH_SESSIONS": "2"})
+    # One connection: batches one after the other, so the counts below are exact.
+    settings = Settings.from_env({**env, "BACKUP_BATCH_SESSIONS": "2", "LOCAL_CONNECTIONS": "1"})
     with open_services(settings) as services:
         run = backup_run(services, progress=progress)
         results = results_by_session(services, run)
@@ -87,6 +88,22 @@ def test_backup_run_is_running_until_it_ends(env, redis_client, keys, pg_conn):
     assert row["finished_at"] >= row["created_at"]
     assert set(results) == set(sids)
     assert all(r.status is SessionStatus.COMPLETED and r.messages == 2 for r in results.values())
+
+
+def test_parallel_batches_report_as_they_finish(env, redis_client, keys, pg_conn):
+    sids = _sessions(redis_client, keys, 7)
+    progress = RecordingProgress(pg_conn)
+    settings = Settings.from_env({**env, "BACKUP_BATCH_SESSIONS": "2", "LOCAL_CONNECTIONS": "3"})
+    with open_services(settings) as services:
+        run = backup_run(services, progress=progress)
+        results = results_by_session(services, run)
+
+    assert progress.statuses == ["running"] * 5  # at start and after each of 4 batches
+    assert progress.reported == sorted(progress.reported)
+    assert progress.reported[-1] == 7
+    assert progress.advanced == 7
+    assert set(results) == set(sids)
+    assert snapshot(pg_conn, run.id)["message_count"] == 14
 
 
 def test_restore_run_is_running_until_it_ends(services, redis_client, keys, pg_conn):

@@ -11,6 +11,14 @@ SELECT pg_advisory_xact_lock(1684956267, key)
 FROM (SELECT DISTINCT hashtext(id) AS key FROM unnest(%(ids)s::text[]) AS id) AS keys
 ORDER BY key;
 
+-- name: prefer_indexes
+-- Every lookup of a backup is by key. Without this, the foreign-key check of
+-- each COPYed message (a query PostgreSQL plans once per connection and then
+-- keeps) can be planned as a sequential scan of client_sessions while that
+-- table is still small (a first backup), and stay one as it grows: every
+-- message then scans every session (measured: 1M messages, 3x slower).
+SET LOCAL enable_seqscan = off;
+
 -- name: watermarks
 SELECT session_id::text, hash_digest, message_count, max_score
 FROM backup_watermarks
@@ -38,6 +46,9 @@ ON CONFLICT (id) DO UPDATE SET
     backed_up_at = now();
 
 -- name: copy_messages
+-- Text, not binary: binary saves PostgreSQL parsing UUIDs and timestamps, but
+-- making UUID objects costs us more than it saves (measured on 1M messages:
+-- 9.4 s text, 10.5 s binary), and a backup keeps both sides busy.
 COPY client_messages (id, session_id, created_at, role, content, tool_calls, player_id)
 FROM STDIN;
 
