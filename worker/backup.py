@@ -24,26 +24,24 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import orjson
 
 from worker.checksums import MessageChecksum, message_digest, session_digest
+from worker.engine import Engine
 from worker.errors import DndError, MessageConflict, TransientError
-from worker.keys import RedisKeys
 from worker.models import KeptRecord, Session, SessionResult, SessionStatus, Watermark
-from worker.pg_store import MessageCopy, PostgresStore
+from worker.pg_store import MessageCopy
 from worker.records import (
     RecordRejected,
-    classify_set_member,
     encode_raw_hash,
     hash_digest,
     parse_message,
     parse_session_hash,
 )
-from worker.redis_store import Probe, RedisStore
+from worker.redis_store import Probe
 
 # Kept records are buffered while a COPY streams; past this many the COPY is
 # paused and they are written, so a session of garbage cannot fill memory.
@@ -86,42 +84,7 @@ class _SessionWork:
         self.kept_total += 1
 
 
-class BackupEngine:
-    def __init__(
-        self,
-        redis_store: RedisStore,
-        pg: PostgresStore,
-        *,
-        chunk_messages: int = 5000,
-        shard_of: Callable[[str], int] | None = None,
-        worker_name: str | None = None,
-    ) -> None:
-        self.redis = redis_store
-        self.pg = pg
-        self.keys: RedisKeys = redis_store.keys
-        self.chunk = chunk_messages
-        self.shard_of = shard_of
-        self.worker_name = worker_name
-
-    # -- listing ------------------------------------------------------------
-
-    def list_sessions(self) -> tuple[list[str], list[KeptRecord]]:
-        """The sessions set: valid IDs (sorted), and a kept record per bad member."""
-        ids: set[str] = set()
-        bad: dict[bytes, KeptRecord] = {}
-        for member in self.redis.session_members():
-            try:
-                ids.add(classify_set_member(member))
-            except RecordRejected as rejected:
-                bad[member] = KeptRecord(
-                    kind="session_id",
-                    redis_key=self.keys.sessions,
-                    raw=member,
-                    reason=rejected.reason,
-                    session_id=member.decode("utf-8", "backslashreplace"),
-                )
-        return sorted(ids), list(bad.values())
-
+class BackupEngine(Engine):
     # -- one batch ----------------------------------------------------------
 
     def backup_batch(
@@ -153,7 +116,7 @@ class BackupEngine:
         except TransientError:
             raise
         except DndError as exc:
-            failed = self._failed_results(ids, str(exc), time.monotonic() - started)
+            failed = self.failed(ids, str(exc), time.monotonic() - started)
             if run_id is not None:
                 self.pg.record_results(run_id, failed)
             return failed
@@ -449,36 +412,15 @@ class BackupEngine:
             if work.kept_total:
                 parts.append(f"{work.kept_total} record(s) kept aside")
             error = "; ".join(parts + work.notes)
-        return SessionResult(
-            session_id=work.session_id,
-            status=status,
+        return self.result(
+            work.session_id,
+            status,
             messages=work.stored,
             kept=work.kept_total,
-            duration_ms=round(work.seconds * 1000),
+            seconds=work.seconds,
             error=error,
             details={"checksum": work.checksum.hex()} if work.checksum else None,
-            shard=self.shard_of(work.session_id) if self.shard_of else None,
-            worker=self.worker_name,
-            finished_at=datetime.now(UTC),
         )
-
-    def _failed_results(
-        self, ids: Sequence[str], error: str, seconds: float
-    ) -> list[SessionResult]:
-        each = round(seconds * 1000 / max(len(ids), 1))
-        now = datetime.now(UTC)
-        return [
-            SessionResult(
-                session_id=sid,
-                status=SessionStatus.FAILED,
-                duration_ms=each,
-                error=error,
-                shard=self.shard_of(sid) if self.shard_of else None,
-                worker=self.worker_name,
-                finished_at=now,
-            )
-            for sid in ids
-        ]
 
 
 _DUPLICATE = "another message of this session has the same id (the first one read was stored)"

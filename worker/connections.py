@@ -16,7 +16,6 @@ import psycopg
 import psycopg.errors
 import redis
 import redis.exceptions
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker.errors import (
     LockTimeout,
@@ -24,7 +23,7 @@ from worker.errors import (
     ServiceUnavailable,
     StoreError,
 )
-from worker.settings import Settings, redact_url, secrets_of
+from worker.settings import Settings, passwords_in, redact_url, secrets_of
 
 APPLICATION_NAME = "dnd-client-worker"
 
@@ -56,40 +55,6 @@ def postgres_kwargs(settings: Settings) -> dict[str, Any]:
 def connect_postgres(settings: Settings) -> psycopg.Connection[Any]:
     with postgres_errors(settings):
         return psycopg.connect(settings.database_url, **postgres_kwargs(settings))
-
-
-def postgres_pool(settings: Settings, *, max_size: int | None = None) -> ConnectionPool:
-    """A connection pool, opened and checked (``pool.wait()``) before it is returned.
-
-    In Celery workers it is created after the fork (``worker_process_init``):
-    a libpq connection must never be shared across processes.
-    """
-    size = max_size or settings.pool_size
-    pool = ConnectionPool(
-        settings.database_url,
-        min_size=1,
-        max_size=size,
-        kwargs=postgres_kwargs(settings),
-        open=False,
-        name="dnd-client",
-        # A connection broken while idle in the pool is replaced, not handed out.
-        check=ConnectionPool.check_connection,
-        timeout=30,
-    )
-    try:
-        with postgres_errors(settings):
-            pool.open(wait=True, timeout=15)
-    except PoolTimeout:
-        pool.close()
-        raise ServiceUnavailable(
-            "PostgreSQL",
-            settings.database_url_setting,
-            f"no connection to {redact_url(settings.database_url)} within 15 s",
-        ) from None
-    except BaseException:
-        pool.close()
-        raise
-    return pool
 
 
 def connect_redis(url: str, *, setting: str = "REDIS_URL") -> redis.Redis:
@@ -162,18 +127,8 @@ def redis_errors(url: str, setting: str = "REDIS_URL") -> Iterator[None]:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         detail = one_line(str(exc))
-        password = _password(url)
-        if password:
+        for password in passwords_in([url]):
             detail = detail.replace(password, "***")
         raise ServiceUnavailable("Redis", setting, f"{redact_url(url)}: {detail}") from exc
     except redis.exceptions.RedisError as exc:
         raise StoreError(f"Redis: {one_line(str(exc))}") from exc
-
-
-def _password(url: str) -> str | None:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None

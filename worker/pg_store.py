@@ -336,12 +336,12 @@ class PostgresStore:
             yield page
             after = page[-1]
 
-    def count_sessions(self) -> tuple[int, int]:
-        """(live sessions, soft-deleted sessions) in PostgreSQL."""
+    def count_soft_deleted(self) -> int:
+        """Sessions in PostgreSQL that are soft-deleted (restores never bring them back)."""
         with postgres_errors(self.settings):
-            row = self.conn.execute(QUERIES["count_sessions"]).fetchone()
+            row = self.conn.execute(QUERIES["count_soft_deleted"]).fetchone()
         assert row is not None
-        return int(row[0]), int(row[1])
+        return int(row[0])
 
     def message_counts(self, session_ids: Sequence[str]) -> dict[str, int]:
         with postgres_errors(self.settings):

@@ -20,34 +20,18 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
+from worker.engine import Engine
 from worker.errors import DndError, TransientError
 from worker.models import SessionResult, SessionStatus
-from worker.pg_store import PostgresStore
 from worker.records import session_hash
-from worker.redis_store import RedisStore, SessionCommit
+from worker.redis_store import SessionCommit
 
 EXISTS_IN_REDIS = "exists in Redis (use --force to replace it)"
 
 
-class RestoreEngine:
-    def __init__(
-        self,
-        redis_store: RedisStore,
-        pg: PostgresStore,
-        *,
-        chunk_messages: int = 5000,
-        shard_of: Callable[[str], int] | None = None,
-        worker_name: str | None = None,
-    ) -> None:
-        self.redis = redis_store
-        self.pg = pg
-        self.chunk = chunk_messages
-        self.shard_of = shard_of
-        self.worker_name = worker_name
-
+class RestoreEngine(Engine):
     def restore_batch(
         self,
         run_id: str | None,
@@ -70,10 +54,7 @@ class RestoreEngine:
         except TransientError:
             raise
         except DndError as exc:
-            results = [
-                self._result(sid, SessionStatus.FAILED, 0, time.monotonic() - started, str(exc))
-                for sid in ids
-            ]
+            results = self.failed(ids, str(exc), time.monotonic() - started)
         if run_id is not None:
             self.pg.record_results(run_id, results)
         return results
@@ -93,15 +74,15 @@ class RestoreEngine:
                 session = sessions.get(sid)
                 if session is None:
                     status = SessionStatus.FAILED if explicit else SessionStatus.SKIPPED
-                    results[sid] = self._result(
-                        sid, status, 0, 0.0, f"session {sid} not found in PostgreSQL"
+                    results[sid] = self.result(
+                        sid, status, error=f"session {sid} not found in PostgreSQL"
                     )
                 elif session.deleted_at is not None:
-                    results[sid] = self._result(
-                        sid, SessionStatus.SKIPPED, 0, 0.0, "soft-deleted: never restored"
+                    results[sid] = self.result(
+                        sid, SessionStatus.SKIPPED, error="soft-deleted: never restored"
                     )
                 elif sid in existing:
-                    results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, 0.0, EXISTS_IN_REDIS)
+                    results[sid] = self.result(sid, SessionStatus.SKIPPED, error=EXISTS_IN_REDIS)
                 else:
                     todo.append(sid)
             if not todo:
@@ -130,16 +111,19 @@ class RestoreEngine:
         each = (time.monotonic() - started) / len(todo)
         for sid, answer in zip(todo, answers, strict=True):
             if answer == 1:
-                results[sid] = self._result(sid, SessionStatus.COMPLETED, staged[sid], each)
+                results[sid] = self.result(
+                    sid, SessionStatus.COMPLETED, messages=staged[sid], seconds=each
+                )
             elif answer == 0:
-                results[sid] = self._result(sid, SessionStatus.SKIPPED, 0, each, EXISTS_IN_REDIS)
+                results[sid] = self.result(
+                    sid, SessionStatus.SKIPPED, seconds=each, error=EXISTS_IN_REDIS
+                )
             else:
-                results[sid] = self._result(
+                results[sid] = self.result(
                     sid,
                     SessionStatus.FAILED,
-                    0,
-                    each,
-                    "staged messages were incomplete when swapping in (another restore of "
+                    seconds=each,
+                    error="staged messages were incomplete when swapping in (another restore of "
                     "this session, or the staging key expired); nothing was changed",
                 )
         return [results[sid] for sid in ids]
@@ -153,22 +137,3 @@ class RestoreEngine:
         for sid, members in buffer.items():
             staged[sid] += len(members)
         buffer.clear()
-
-    def _result(
-        self,
-        sid: str,
-        status: SessionStatus,
-        messages: int,
-        seconds: float,
-        error: str | None = None,
-    ) -> SessionResult:
-        return SessionResult(
-            session_id=sid,
-            status=status,
-            messages=messages,
-            duration_ms=round(seconds * 1000),
-            error=error,
-            shard=self.shard_of(sid) if self.shard_of else None,
-            worker=self.worker_name,
-            finished_at=datetime.now(UTC),
-        )

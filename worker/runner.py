@@ -12,14 +12,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
 
 from worker.connections import connect_postgres
 from worker.errors import DndError, LockTimeout
-from worker.models import Run, SessionResult, SessionStatus
+from worker.models import KeptRecord, Run, RunKind, SessionResult
 from worker.pg_store import PostgresStore
 from worker.records import parse_session_id
 from worker.services import Services
@@ -53,27 +52,11 @@ def backup_run(
     details: dict[str, Any] | None = None,
 ) -> Run:
     """Back up one session (``session_id``) or every session in the sessions set."""
-    progress = progress or NoProgress()
-    pg = services.pg
-    engine = services.backup_engine()
-    if session_id is not None:
-        session_id = parse_session_id(session_id)
-    info = {"mode": "local", "full": full, **(details or {})}
-    if session_id is not None:
-        run = pg.start_run(
-            "backup", "session", expected_sessions=1, details={**info, "session_id": session_id}
-        )
-        ids = [session_id]
-    else:
-        ids, bad = engine.list_sessions()
-        run = pg.start_run("backup", "all", expected_sessions=len(ids), kept=len(bad), details=info)
-        pg.keep_records(bad, run.id)
-    explicit = session_id is not None
 
-    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
-        return on.backup_engine().backup_batch(run.id, sessions, full=full, explicit=explicit)
+    def batch(on: Services, run_id: str, sessions: list[str], explicit: bool) -> BatchResults:
+        return on.backup_engine().backup_batch(run_id, sessions, full=full, explicit=explicit)
 
-    return _run_batches(services, run, ids, batch, progress)
+    return _run(services, "backup", session_id, batch, progress, {"full": full, **(details or {})})
 
 
 def restore_run(
@@ -85,36 +68,11 @@ def restore_run(
     details: dict[str, Any] | None = None,
 ) -> Run:
     """Restore one session or every live (not soft-deleted) session in PostgreSQL."""
-    progress = progress or NoProgress()
-    pg = services.pg
-    if session_id is not None:
-        session_id = parse_session_id(session_id)
-    info = {"mode": "local", **(details or {})}
-    if session_id is not None:
-        run = pg.start_run(
-            "restore",
-            "session",
-            forced=force,
-            expected_sessions=1,
-            details={**info, "session_id": session_id},
-        )
-        ids = [session_id]
-    else:
-        _live, deleted = pg.count_sessions()
-        ids = [sid for page in pg.live_session_ids() for sid in page]
-        run = pg.start_run(
-            "restore",
-            "all",
-            forced=force,
-            expected_sessions=len(ids),
-            details={**info, "soft_deleted_not_restored": deleted},
-        )
-    explicit = session_id is not None
 
-    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
-        return on.restore_engine().restore_batch(run.id, sessions, force=force, explicit=explicit)
+    def batch(on: Services, run_id: str, sessions: list[str], explicit: bool) -> BatchResults:
+        return on.restore_engine().restore_batch(run_id, sessions, force=force, explicit=explicit)
 
-    return _run_batches(services, run, ids, batch, progress)
+    return _run(services, "restore", session_id, batch, progress, details or {}, forced=force)
 
 
 def verify_run(
@@ -126,24 +84,69 @@ def verify_run(
     details: dict[str, Any] | None = None,
 ) -> Run:
     """Compare Redis with PostgreSQL for one session, or for every session in either."""
-    progress = progress or NoProgress()
+
+    def batch(on: Services, run_id: str, sessions: list[str], _explicit: bool) -> BatchResults:
+        return on.verify_engine().verify_batch(run_id, sessions, quick=quick)
+
+    info = {"quick": quick, **(details or {})}
+    return _run(services, "verify", session_id, batch, progress, info)
+
+
+def full_run_sessions(
+    services: Services, kind: RunKind
+) -> tuple[list[str], list[KeptRecord], dict[str, Any]]:
+    """What a full run of ``kind`` covers: (session IDs, bad set members, run details).
+
+    Backups cover the sessions set (a member that is no session ID is kept
+    aside), restores the live sessions in PostgreSQL, verifies both. The Celery
+    coordinators (worker.tasks) use this too.
+    """
+    if kind == "backup":
+        ids, bad = services.backup_engine().listed_sessions()
+        return ids, bad, {}
+    if kind == "restore":
+        ids = [sid for page in services.pg.live_session_ids() for sid in page]
+        return ids, [], {"soft_deleted_not_restored": services.pg.count_soft_deleted()}
+    return services.verify_engine().session_ids(), [], {}
+
+
+BatchResults = list[SessionResult]
+RunBatch = Callable[[Services, str, list[str], bool], BatchResults]
+
+
+def _run(
+    services: Services,
+    kind: RunKind,
+    session_id: str | None,
+    run_batch: RunBatch,
+    progress: Progress | None,
+    details: dict[str, Any],
+    *,
+    forced: bool = False,
+) -> Run:
+    """Start the run's record, cover its sessions batch by batch, finish it."""
     pg = services.pg
-    engine = services.verify_engine()
-    info = {"mode": "local", "quick": quick, **(details or {})}
+    info = {"mode": "local", **details}
     if session_id is not None:
         session_id = parse_session_id(session_id)
         run = pg.start_run(
-            "verify", "session", expected_sessions=1, details={**info, "session_id": session_id}
-        )
+            kind, "session", forced=forced, expected_sessions=1,
+            details={**info, "session_id": session_id},
+        )  # fmt: skip
         ids = [session_id]
     else:
-        ids = engine.session_ids()
-        run = pg.start_run("verify", "all", expected_sessions=len(ids), details=info)
+        ids, bad, extra = full_run_sessions(services, kind)
+        run = pg.start_run(
+            kind, "all", forced=forced, expected_sessions=len(ids), kept=len(bad),
+            details={**info, **extra},
+        )  # fmt: skip
+        pg.keep_records(bad, run.id)
+    explicit = session_id is not None
 
-    def batch(on: Services, sessions: list[str]) -> list[SessionResult]:
-        return on.verify_engine().verify_batch(run.id, sessions, quick=quick)
+    def work(on: Services, sessions: list[str]) -> BatchResults:
+        return run_batch(on, run.id, sessions, explicit)
 
-    return _run_batches(services, run, ids, batch, progress)
+    return _run_batches(services, run, ids, work, progress or NoProgress())
 
 
 BatchWork = Callable[[Services, list[str]], list[SessionResult]]
@@ -225,18 +228,7 @@ def _failed(
 
     The other batches go on; these sessions are failed, and the run with them.
     """
-    now = datetime.now(UTC)
-    results = [
-        SessionResult(
-            session_id=sid,
-            status=SessionStatus.FAILED,
-            error=error,
-            shard=services.shard(sid),
-            worker=services.worker_name,
-            finished_at=now,
-        )
-        for sid in batch
-    ]
+    results = services.engine().failed(batch, error)
     services.pg.record_results(run_id, results)
     return results
 

@@ -11,7 +11,7 @@ import functools
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -189,13 +189,15 @@ def redact_url(url: str) -> str:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every password found in the settings' URLs, for scrubbing free text."""
+    return passwords_in(
+        (settings.redis_url, settings.database_url, settings.broker_url, settings.result_backend)
+    )
+
+
+def passwords_in(urls: Iterable[str]) -> list[str]:
+    """The passwords written in URLs (user:password@, ?password=), in every form."""
     found: list[str] = []
-    for url in (
-        settings.redis_url,
-        settings.database_url,
-        settings.broker_url,
-        settings.result_backend,
-    ):
+    for url in urls:
         try:
             parts = urlsplit(url)
             written = [parts.password or ""]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Task, chord
@@ -22,8 +22,10 @@ from celery import Task, chord
 from worker import process
 from worker.celery import app
 from worker.errors import DndError, RunInProgress, TransientError
-from worker.models import SessionResult
+from worker.models import RunKind, SessionResult
 from worker.records import parse_session_id
+from worker.runner import full_run_sessions
+from worker.services import Services
 from worker.settings import get_settings
 from worker.sharding import shard_of
 
@@ -60,19 +62,11 @@ def backup_session(
     self: Task, session_id: str, run_id: str | None = None, full: bool = False
 ) -> dict[str, Any]:
     """Back up one session (a one-session run); returns its result dict."""
-    sid = parse_session_id(session_id)
-    run_id = run_id or self.request.id
-    with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run(
-            "backup",
-            "session",
-            run_id=run_id,
-            expected_sessions=1,
-            details=_details(self, session_id=sid, full=full),
-        )
-        [result] = services.backup_engine().backup_batch(run_id, [sid], full=full, explicit=True)
-        run = services.pg.finish_run(run_id)
-    return _session_result(result, run_id, run.status.value)
+
+    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
+        return services.backup_engine().backup_batch(run, ids, full=full, explicit=True)
+
+    return _session_run(self, "backup", session_id, run_id, batch, details={"full": full})
 
 
 @app.task(name="worker.tasks.restore_session", bind=True, base=RunTask, **RETRY_POLICY)
@@ -80,22 +74,11 @@ def restore_session(
     self: Task, session_id: str, force: bool = False, run_id: str | None = None
 ) -> dict[str, Any]:
     """Restore one session (a one-session run); returns its result dict."""
-    sid = parse_session_id(session_id)
-    run_id = run_id or self.request.id
-    with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run(
-            "restore",
-            "session",
-            run_id=run_id,
-            forced=force,
-            expected_sessions=1,
-            details=_details(self, session_id=sid),
-        )
-        [result] = services.restore_engine().restore_batch(
-            run_id, [sid], force=force, explicit=True
-        )
-        run = services.pg.finish_run(run_id)
-    return _session_result(result, run_id, run.status.value)
+
+    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
+        return services.restore_engine().restore_batch(run, ids, force=force, explicit=True)
+
+    return _session_run(self, "restore", session_id, run_id, batch, forced=force)
 
 
 @app.task(name="worker.tasks.verify_session", bind=True, base=RunTask, **RETRY_POLICY)
@@ -103,19 +86,11 @@ def verify_session(
     self: Task, session_id: str, quick: bool = False, run_id: str | None = None
 ) -> dict[str, Any]:
     """Compare one session in Redis with its backup (a one-session verify run)."""
-    sid = parse_session_id(session_id)
-    run_id = run_id or self.request.id
-    with process.task_services(_worker_name(self)) as services:
-        services.pg.ensure_run(
-            "verify",
-            "session",
-            run_id=run_id,
-            expected_sessions=1,
-            details=_details(self, session_id=sid, quick=quick),
-        )
-        [result] = services.verify_engine().verify_batch(run_id, [sid], quick=quick)
-        run = services.pg.finish_run(run_id)
-    return _session_result(result, run_id, run.status.value)
+
+    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
+        return services.verify_engine().verify_batch(run, ids, quick=quick)
+
+    return _session_run(self, "verify", session_id, run_id, batch, details={"quick": quick})
 
 
 # -- full runs: a coordinator, batches per shard, a chord callback ------------------
@@ -133,35 +108,7 @@ def full_backup(
     Never two at once: a second full backup (a duplicate beat, an operator)
     while one is running returns ``{"status": "skipped", ...}``.
     """
-    run_id = run_id or self.request.id
-    settings = get_settings()
-    with process.task_services(_worker_name(self)) as services:
-        engine = services.backup_engine()
-        ids, bad = engine.list_sessions()
-        try:
-            run, created = services.pg.ensure_run(
-                "backup",
-                "all",
-                run_id=run_id,
-                forced=False,
-                expected_sessions=len(ids),
-                kept=len(bad),
-                details=_details(self, trigger=trigger, full=full),
-            )
-        except RunInProgress as busy:
-            log.info("full backup not started: %s", busy)
-            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
-        if not created and run.details.get("dispatched"):
-            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
-        services.pg.keep_records(bad, run_id)
-        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
-        if not batches:
-            done = services.pg.finish_run(run_id)
-            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
-        header = [backup_batch.si(run_id, shard, batch, full) for shard, batch in batches]
-        _dispatch_chord(header, run_id)
-        services.pg.mark_run_dispatched(run_id)
-    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+    return _full_run(self, "backup", run_id, backup_batch, full, trigger, {"full": full})
 
 
 @app.task(name="worker.tasks.full_restore", bind=True, trail=False, **RETRY_POLICY)
@@ -169,32 +116,7 @@ def full_restore(
     self: Task, force: bool = False, run_id: str | None = None, trigger: str = "task"
 ) -> dict[str, Any]:
     """Restore every live session from PostgreSQL: batches per shard, then a chord."""
-    run_id = run_id or self.request.id
-    settings = get_settings()
-    with process.task_services(_worker_name(self)) as services:
-        _live, deleted = services.pg.count_sessions()
-        ids = [sid for page in services.pg.live_session_ids() for sid in page]
-        try:
-            run, created = services.pg.ensure_run(
-                "restore",
-                "all",
-                run_id=run_id,
-                forced=force,
-                expected_sessions=len(ids),
-                details=_details(self, trigger=trigger, soft_deleted_not_restored=deleted),
-            )
-        except RunInProgress as busy:
-            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
-        if not created and run.details.get("dispatched"):
-            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
-        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
-        if not batches:
-            done = services.pg.finish_run(run_id)
-            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
-        header = [restore_batch.si(run_id, shard, batch, force) for shard, batch in batches]
-        _dispatch_chord(header, run_id)
-        services.pg.mark_run_dispatched(run_id)
-    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+    return _full_run(self, "restore", run_id, restore_batch, force, trigger, {}, forced=force)
 
 
 @app.task(name="worker.tasks.full_verify", bind=True, trail=False, **RETRY_POLICY)
@@ -202,30 +124,7 @@ def full_verify(
     self: Task, quick: bool = False, run_id: str | None = None, trigger: str = "task"
 ) -> dict[str, Any]:
     """Verify every session in Redis or PostgreSQL: batches per shard, then a chord."""
-    run_id = run_id or self.request.id
-    settings = get_settings()
-    with process.task_services(_worker_name(self)) as services:
-        ids = services.verify_engine().session_ids()
-        try:
-            run, created = services.pg.ensure_run(
-                "verify",
-                "all",
-                run_id=run_id,
-                expected_sessions=len(ids),
-                details=_details(self, trigger=trigger, quick=quick),
-            )
-        except RunInProgress as busy:
-            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
-        if not created and run.details.get("dispatched"):
-            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
-        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
-        if not batches:
-            done = services.pg.finish_run(run_id)
-            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
-        header = [verify_batch.si(run_id, shard, batch, quick) for shard, batch in batches]
-        _dispatch_chord(header, run_id)
-        services.pg.mark_run_dispatched(run_id)
-    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+    return _full_run(self, "verify", run_id, verify_batch, quick, trigger, {"quick": quick})
 
 
 @app.task(name="worker.tasks.backup_batch", bind=True, **RETRY_POLICY)
@@ -315,6 +214,74 @@ def prune_runs(
 # -- helpers ------------------------------------------------------------------------
 
 
+def _session_run(
+    task: Task,
+    kind: RunKind,
+    session_id: str,
+    run_id: str | None,
+    batch: Callable[[Services, str, list[str]], list[SessionResult]],
+    *,
+    forced: bool = False,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A run over one session: its record (the task's ID unless given), the batch, the end."""
+    sid = parse_session_id(session_id)
+    run_id = run_id or task.request.id
+    with process.task_services(_worker_name(task)) as services:
+        services.pg.ensure_run(
+            kind, "session", run_id=run_id, forced=forced, expected_sessions=1,
+            details=_details(task, session_id=sid, **(details or {})),
+        )  # fmt: skip
+        [result] = batch(services, run_id, [sid])
+        run = services.pg.finish_run(run_id)
+    payload = result.as_dict()
+    payload["run_id"] = run_id
+    payload["run_status"] = run.status.value
+    return payload
+
+
+def _full_run(
+    task: Task,
+    kind: RunKind,
+    run_id: str | None,
+    batch_task: Task,
+    flag: bool,
+    trigger: str,
+    details: dict[str, Any],
+    *,
+    forced: bool = False,
+) -> dict[str, Any]:
+    """Start a full run: list its sessions, record it, dispatch its chord.
+
+    ``batch_task`` gets (run ID, shard, session IDs, ``flag``) per batch. A
+    retried coordinator finds its run and does not dispatch it twice; while
+    another full run of the kind is running it returns ``status: skipped``.
+    """
+    run_id = run_id or task.request.id
+    settings = get_settings()
+    with process.task_services(_worker_name(task)) as services:
+        ids, bad, extra = full_run_sessions(services, kind)
+        try:
+            run, created = services.pg.ensure_run(
+                kind, "all", run_id=run_id, forced=forced, expected_sessions=len(ids),
+                kept=len(bad), details=_details(task, trigger=trigger, **details, **extra),
+            )  # fmt: skip
+        except RunInProgress as busy:
+            log.info("full %s not started: %s", kind, busy)
+            return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
+        if not created and run.details.get("dispatched"):
+            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
+        services.pg.keep_records(bad, run_id)
+        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
+        if not batches:
+            done = services.pg.finish_run(run_id)
+            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
+        header = [batch_task.si(run_id, shard, batch, flag) for shard, batch in batches]
+        _dispatch_chord(header, run_id)
+        services.pg.mark_run_dispatched(run_id)
+    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
+
+
 def shard_batches(
     session_ids: Sequence[str], shards: int, batch_size: int
 ) -> list[tuple[int, list[str]]]:
@@ -350,13 +317,6 @@ def _batch_summary(shard: int, results: Sequence[SessionResult]) -> dict[str, An
         "failed": sum(r.status.value == "failed" for r in results),
         "different": sum(r.status.value == "different" for r in results),
     }
-
-
-def _session_result(result: SessionResult, run_id: str, run_status: str) -> dict[str, Any]:
-    payload = result.as_dict()
-    payload["run_id"] = run_id
-    payload["run_status"] = run_status
-    return payload
 
 
 def _details(task: Task, **extra: Any) -> dict[str, Any]:

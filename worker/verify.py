@@ -20,19 +20,18 @@ comparison.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from worker.checksums import MessageChecksum, message_digest, session_digest
+from worker.engine import Engine
 from worker.errors import DndError, TransientError
 from worker.models import Session, SessionResult, SessionStatus
-from worker.pg_store import PostgresStore
 from worker.records import RecordRejected, parse_message, parse_session_hash
-from worker.redis_store import Probe, RedisStore
+from worker.redis_store import Probe
 
 EXAMPLES = 5  # message IDs listed per kind of difference
 COMPARED_FIELDS = (
@@ -115,32 +114,11 @@ class SessionDiff:
         return data
 
 
-class VerifyEngine:
-    def __init__(
-        self,
-        redis_store: RedisStore,
-        pg: PostgresStore,
-        *,
-        chunk_messages: int = 5000,
-        shard_of: Callable[[str], int] | None = None,
-        worker_name: str | None = None,
-    ) -> None:
-        self.redis = redis_store
-        self.pg = pg
-        self.chunk = chunk_messages
-        self.shard_of = shard_of
-        self.worker_name = worker_name
-
+class VerifyEngine(Engine):
     def session_ids(self) -> list[str]:
         """Every session in Redis's sessions set or (not soft-deleted) in PostgreSQL."""
-        from worker.records import classify_set_member
-
-        ids: set[str] = set()
-        for member in self.redis.session_members():
-            try:
-                ids.add(classify_set_member(member))
-            except RecordRejected:
-                continue  # not a session ID: backups keep such members aside
+        listed, _bad = self.listed_sessions()  # bad members: backups keep them aside
+        ids = set(listed)
         for page in self.pg.live_session_ids():
             ids.update(page)
         return sorted(ids)
@@ -155,18 +133,7 @@ class VerifyEngine:
         except TransientError:
             raise
         except DndError as exc:
-            now = datetime.now(UTC)
-            results = [
-                SessionResult(
-                    session_id=sid,
-                    status=SessionStatus.FAILED,
-                    error=str(exc),
-                    shard=self._shard(sid),
-                    worker=self.worker_name,
-                    finished_at=now,
-                )
-                for sid in ids
-            ]
+            results = self.failed(ids, str(exc))
         if run_id is not None:
             self.pg.record_results(run_id, results)
         return results
@@ -183,28 +150,17 @@ class VerifyEngine:
                 probe = probes[sid]
                 if probe.error is not None:
                     # A key of the wrong type fails its session, not the batch.
-                    results.append(
-                        SessionResult(
-                            session_id=sid,
-                            status=SessionStatus.FAILED,
-                            error=f"cannot read session {sid} from Redis: {probe.error}",
-                            shard=self._shard(sid),
-                            worker=self.worker_name,
-                            finished_at=datetime.now(UTC),
-                        )
-                    )
+                    error = f"cannot read session {sid} from Redis: {probe.error}"
+                    results.append(self.result(sid, SessionStatus.FAILED, error=error))
                     continue
                 diff = self._compare(sid, probe, sessions.get(sid), recorded.get(sid), quick=quick)
                 results.append(
-                    SessionResult(
-                        session_id=sid,
-                        status=SessionStatus.COMPLETED if diff.agrees else SessionStatus.DIFFERENT,
+                    self.result(
+                        sid,
+                        SessionStatus.COMPLETED if diff.agrees else SessionStatus.DIFFERENT,
                         messages=max(diff.messages_in_redis, diff.messages_in_backup),
-                        duration_ms=round((time.monotonic() - started) * 1000),
+                        seconds=time.monotonic() - started,
                         error=None if diff.agrees else diff.summary(),
-                        shard=self._shard(sid),
-                        worker=self.worker_name,
-                        finished_at=datetime.now(UTC),
                         details=diff.as_dict(),
                     )
                 )
@@ -304,9 +260,6 @@ class VerifyEngine:
                 total.add(digest)
         diff.messages_in_redis = len(digests)
         return digests, total
-
-    def _shard(self, sid: str) -> int | None:
-        return self.shard_of(sid) if self.shard_of else None
 
 
 def _differing_fields(live: Session, stored: Session) -> list[str]:

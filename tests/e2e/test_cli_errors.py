@@ -320,31 +320,25 @@ def test_every_help_shows_the_environment_variables_of_its_options():
     ids=["bin/dnd-client", "python -m worker", "dnd-client"],
 )
 def test_every_way_to_start_the_program(argv):
-    shown = subprocess.run(
-        [*argv, "--help"],
-        cwd=REPO,
-        env=base_env({}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    def start(option: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*argv, option],
+            cwd=REPO,
+            env=base_env({}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+
+    shown = start("--help")
     assert shown.returncode == OK, describe(shown)
     assert shown.stdout.startswith("Usage: dnd-client [OPTIONS] COMMAND")
     for command in ("backup", "restore", "migrate", "kept"):
         assert f"  {command} " in shown.stdout
     assert "Exit status:" in shown.stdout
 
-    version = subprocess.run(
-        [*argv, "--version"],
-        cwd=REPO,
-        env=base_env({}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    version = start("--version")
     assert version.returncode == OK, describe(version)
     assert version.stdout.startswith("dnd-client, version ")

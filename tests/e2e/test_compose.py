@@ -332,15 +332,19 @@ def start(tmp_path) -> Iterator[Callable[..., Service]]:
 
 def test_migrate_service_migrates_an_empty_database(native, empty_database_url):
     argv, env = native("migrate", empty_database_url)
-    first = subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+
+    def migrate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    first = migrate()
     assert first.returncode == 0, first.stderr
     assert "applied" in first.stderr
     with psycopg.connect(empty_database_url) as conn:
@@ -350,15 +354,7 @@ def test_migrate_service_migrates_an_empty_database(native, empty_database_url):
         }
     assert {"client_sessions", "client_messages", "persistence_snapshots"} <= tables
     # `docker compose up` runs it on every start: a second run changes nothing.
-    again = subprocess.run(
-        [str(BIN / argv[0]), *argv[1:]],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = migrate()
     assert again.returncode == 0, again.stderr
     assert "up to date" in again.stderr
 

@@ -29,8 +29,10 @@ from worker.errors import (
     ServiceUnavailable,
     WaitTimeout,
 )
+from worker.settings import passwords_in
 
 PROG = "dnd-client"
+URL_VARIABLES = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -120,24 +122,13 @@ def _error(message: str) -> None:
 
 def _scrub(message: str) -> str:
     """Remove every password we know of, whatever produced the message."""
-    from urllib.parse import urlsplit
-
-    secrets = {os.environ.get("POSTGRES_PASSWORD", "")}
-    for name in (
-        "DATABASE_URL",
-        "REDIS_URL",
-        "CELERY_BROKER_URL",
-        "CELERY_RESULT_BACKEND",
-        "FLOWER_BASIC_AUTH",
-    ):
-        value = os.environ.get(name, "")
-        if name == "FLOWER_BASIC_AUTH":
-            secrets.update(part.partition(":")[2] for part in value.split(","))
-            continue
-        try:
-            secrets.add(urlsplit(value).password or "")
-        except ValueError:
-            continue
+    # From the environment, not the settings: a message may be about settings
+    # that do not parse.
+    urls = [os.environ.get(name, "") for name in URL_VARIABLES]
+    secrets = set(passwords_in(urls))
+    secrets.add(os.environ.get("POSTGRES_PASSWORD", ""))
+    flower = os.environ.get("FLOWER_BASIC_AUTH", "")
+    secrets.update(login.partition(":")[2] for login in flower.split(","))
     for secret in sorted(secrets - {""}, key=len, reverse=True):
         if len(secret) >= 3:
             message = message.replace(secret, "***")

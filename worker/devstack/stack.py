@@ -279,52 +279,27 @@ class DevStack:
         return env
 
     def _celery_specs(self, env: Mapping[str, str]) -> list[ChildSpec]:
+        """The worker, and beat and Flower unless turned off: `celery -A worker ...`."""
         opts = self.options
-        celery = (sys.executable, "-m", "celery", "-A", "worker")
-        specs = [
+        commands = {
+            "worker": ("worker", "-n", "dev@%h", "--concurrency", str(opts.concurrency),
+                       "--loglevel", "INFO", "--without-mingle", "--without-gossip"),
+            "beat": ("beat", "--loglevel", "INFO"),
+            "flower": ("flower", f"--port={opts.flower_port}", f"--address={HOST}"),
+        }  # fmt: skip
+        wanted = {"worker": True, "beat": opts.beat, "flower": opts.flower}
+        return [
             ChildSpec(
-                name="worker",
-                argv=(
-                    *celery,
-                    "worker",
-                    "-n",
-                    "dev@%h",
-                    "--concurrency",
-                    str(opts.concurrency),
-                    "--loglevel",
-                    "INFO",
-                    "--without-mingle",
-                    "--without-gossip",
-                ),
+                name=name,
+                argv=(sys.executable, "-m", "celery", "-A", "worker", *args),
                 env=env,
                 cwd=self.data.root,
-                log_path=self.data.log("worker"),
+                log_path=self.data.log(name),
                 restart=True,
             )
+            for name, args in commands.items()
+            if wanted[name]
         ]
-        if opts.beat:
-            specs.append(
-                ChildSpec(
-                    name="beat",
-                    argv=(*celery, "beat", "--loglevel", "INFO"),
-                    env=env,
-                    cwd=self.data.root,
-                    log_path=self.data.log("beat"),
-                    restart=True,
-                )
-            )
-        if opts.flower:
-            specs.append(
-                ChildSpec(
-                    name="flower",
-                    argv=(*celery, "flower", f"--port={opts.flower_port}", f"--address={HOST}"),
-                    env=env,
-                    cwd=self.data.root,
-                    log_path=self.data.log("flower"),
-                    restart=True,
-                )
-            )
-        return specs
 
     def _ready_check(self, child: Child) -> Callable[[], bool]:
         if child.name == "worker":

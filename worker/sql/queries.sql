@@ -175,9 +175,8 @@ WHERE deleted_at IS NULL AND (%(after)s::uuid IS NULL OR id > %(after)s::uuid)
 ORDER BY id
 LIMIT %(limit)s;
 
--- name: count_sessions
-SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE deleted_at IS NOT NULL)
-FROM client_sessions;
+-- name: count_soft_deleted
+SELECT count(*) FROM client_sessions WHERE deleted_at IS NOT NULL;
 
 -- name: restore_members
 -- Messages as the zset members a restore writes: compact JSON in the
