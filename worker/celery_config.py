@@ -13,24 +13,29 @@ from typing import Any
 from kombu.entity import Exchange, Queue
 
 from worker.errors import ConfigError
+from worker.models import RUN_KINDS, RunKind
 from worker.settings import Settings
 
+
+def session_task_name(kind: RunKind) -> str:
+    """The task that runs one session (``worker.tasks.backup_session``...)."""
+    return f"worker.tasks.{kind}_session"
+
+
+def full_task_name(kind: RunKind) -> str:
+    """The task that starts a run over every session (``worker.tasks.full_backup``...)."""
+    return f"worker.tasks.full_{kind}"
+
+
+def batch_task_name(kind: RunKind) -> str:
+    """The task that works on one batch of a full run (``worker.tasks.backup_batch``...)."""
+    return f"worker.tasks.{kind}_batch"
+
+
 # Tasks whose first argument is a session ID: routed to the session's shard.
-PER_SESSION_TASKS = frozenset(
-    {
-        "worker.tasks.backup_session",
-        "worker.tasks.restore_session",
-        "worker.tasks.verify_session",
-    }
-)
+PER_SESSION_TASKS = frozenset(session_task_name(kind) for kind in RUN_KINDS)
 # Tasks that carry a `shard` argument (batches of one shard's sessions).
-PER_SHARD_TASKS = frozenset(
-    {
-        "worker.tasks.backup_batch",
-        "worker.tasks.restore_batch",
-        "worker.tasks.verify_batch",
-    }
-)
+PER_SHARD_TASKS = frozenset(batch_task_name(kind) for kind in RUN_KINDS)
 
 
 def default_queue(settings: Settings) -> str:

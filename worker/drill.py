@@ -14,9 +14,9 @@ import redis
 from worker.connections import connect_redis, redis_errors
 from worker.errors import InvalidArgument
 from worker.keys import RedisKeys
-from worker.models import Run
+from worker.models import RestoreOptions, Run, VerifyOptions
 from worker.redis_store import RedisStore
-from worker.runner import Progress, restore_run, verify_run
+from worker.runner import Progress, run_local
 from worker.services import Services
 from worker.settings import redact_url
 
@@ -54,11 +54,13 @@ def run_drill(
         )
         label = f"{redact_url(url)} prefix {prefix!r}"
         details = {"drill": True, "target": label}
-        restored = restore_run(
-            drill, session_id=session_id, force=force, progress=restore_progress, details=details
-        )
-        verified = verify_run(
-            drill, session_id=session_id, progress=verify_progress, details=details
+        ids = None if session_id is None else [session_id]
+        restored = run_local(
+            drill, RestoreOptions(force=force), session_ids=ids, progress=restore_progress,
+            details=details,
+        )  # fmt: skip
+        verified = run_local(
+            drill, VerifyOptions(), session_ids=ids, progress=verify_progress, details=details
         )
         removed = _delete_prefix(target.client, url, prefix) if cleanup else None
         return DrillReport(restore=restored, verify=verified, target=label, cleaned_up=removed)

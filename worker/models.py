@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self, get_args
 
 # Column order of a message row, used by COPY in and out of client_messages.
 MESSAGE_COLUMNS = ("id", "session_id", "created_at", "role", "content", "tool_calls", "player_id")
@@ -20,6 +20,58 @@ ROLES = ("system", "user", "assistant", "tool")
 MessageRow = tuple[str, str, datetime, str, str | None, str | None, str | None]
 
 RunKind = Literal["backup", "restore", "verify"]
+RUN_KINDS: tuple[RunKind, ...] = get_args(RunKind)
+# A run covers every session ("all"), one named session, or a list of them.
+RunScope = Literal["all", "session", "list"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How a run of one kind works (``--full``, ``--force``, ``--quick``...).
+
+    Given to an engine when it is made, stored in the run's details, and sent
+    to the workers as a JSON object (``as_dict`` / ``from_dict``). Each kind of
+    run has its own subclass; ``kind`` says which.
+    """
+
+    kind: ClassVar[RunKind]
+
+    @property
+    def forced(self) -> bool:
+        """Whether the run may replace live data (the run record's ``forced``)."""
+        return False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupOptions(RunOptions):
+    kind: ClassVar[RunKind] = "backup"
+    # Read every message again (and merge) instead of only what changed.
+    full: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreOptions(RunOptions):
+    kind: ClassVar[RunKind] = "restore"
+    # Replace sessions that exist in Redis (otherwise they are skipped).
+    force: bool = False
+
+    @property
+    def forced(self) -> bool:
+        return self.force
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyOptions(RunOptions):
+    kind: ClassVar[RunKind] = "verify"
+    # Compare Redis with the recorded checksums only, where they match.
+    quick: bool = False
 
 
 class SessionStatus(enum.StrEnum):

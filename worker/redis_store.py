@@ -58,6 +58,27 @@ return 1
 """
 
 
+class _Handoff:
+    """A bounded queue between the read-ahead thread and its consumer, which may stop it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=PREFETCH_PAGES)
+        self.stop = threading.Event()
+
+    def put(self, item: object) -> bool:
+        """Hand ``item`` over; False when the consumer stopped listening."""
+        while not self.stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def get(self) -> object:
+        return self._queue.get()
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
     """A cheap look at one session: enough to tell whether a backup must read it."""
@@ -193,29 +214,11 @@ class RedisStore:
         page it has: a backup then waits on Redis far less (the thread waits
         instead, without the GIL) and keeps PostgreSQL's COPY fed.
         """
-        pages: queue.Queue[object] = queue.Queue(maxsize=PREFETCH_PAGES)
-        stop = threading.Event()
-
-        def put(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    pages.put(item, timeout=0.1)
-                except queue.Full:
-                    continue
-                return True
-            return False
-
-        def produce() -> None:
-            try:
-                for index, (session_id, after) in enumerate(requests):
-                    for page in self.read_messages(session_id, after, chunk):
-                        if not put((index, page)):
-                            return
-                put(_DONE)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-                put(exc)
-
-        reader = threading.Thread(target=produce, name="redis-read-ahead", daemon=True)
+        pages = _Handoff()
+        reader = threading.Thread(
+            target=self._read_ahead, args=(requests, chunk, pages), name="redis-read-ahead",
+            daemon=True,
+        )  # fmt: skip
         reader.start()
         try:
             while True:
@@ -226,8 +229,21 @@ class RedisStore:
                     raise item
                 yield item  # type: ignore[misc]
         finally:
-            stop.set()
+            pages.stop.set()
             reader.join()
+
+    def _read_ahead(
+        self, requests: Sequence[tuple[str, float | None]], chunk: int, pages: _Handoff
+    ) -> None:
+        """The reader thread of ``read_many``: pages into ``pages``, then _DONE or the error."""
+        try:
+            for index, (session_id, after) in enumerate(requests):
+                for page in self.read_messages(session_id, after, chunk):
+                    if not pages.put((index, page)):
+                        return
+            pages.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            pages.put(exc)
 
     # -- restore ------------------------------------------------------------
 

@@ -11,16 +11,12 @@ from typing import Any
 
 import psycopg
 
-from worker.backup import BackupEngine
 from worker.connections import connect_postgres, connect_redis
-from worker.engine import Engine
 from worker.keys import RedisKeys
 from worker.pg_store import PostgresStore
 from worker.redis_store import RedisStore
-from worker.restore import RestoreEngine
 from worker.settings import Settings
 from worker.sharding import shard_of
-from worker.verify import VerifyEngine
 
 
 @dataclass
@@ -32,26 +28,6 @@ class Services:
 
     def shard(self, session_id: str) -> int:
         return shard_of(session_id, self.settings.backup_shards)
-
-    def _engine_options(self) -> dict[str, Any]:
-        return {
-            "chunk_messages": self.settings.chunk_messages,
-            "shard_of": self.shard,
-            "worker_name": self.worker_name,
-        }
-
-    def engine(self) -> Engine:
-        """What every engine shares (listing the sessions set, stamping results)."""
-        return Engine(self.redis, self.pg, **self._engine_options())
-
-    def backup_engine(self) -> BackupEngine:
-        return BackupEngine(self.redis, self.pg, **self._engine_options())
-
-    def restore_engine(self) -> RestoreEngine:
-        return RestoreEngine(self.redis, self.pg, **self._engine_options())
-
-    def verify_engine(self) -> VerifyEngine:
-        return VerifyEngine(self.redis, self.pg, **self._engine_options())
 
 
 def local_worker_name() -> str:

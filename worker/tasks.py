@@ -14,20 +14,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Task, chord
 
-from worker import process
+from worker import process, runs
 from worker.celery import app
+from worker.celery_config import batch_task_name, full_task_name, session_task_name
 from worker.errors import DndError, RunInProgress, TransientError
-from worker.models import RunKind, SessionResult
+from worker.models import (
+    BackupOptions,
+    RestoreOptions,
+    RunKind,
+    RunOptions,
+    SessionResult,
+    VerifyOptions,
+)
 from worker.records import parse_session_id
-from worker.runner import full_run_sessions
-from worker.services import Services
 from worker.settings import get_settings
-from worker.sharding import shard_of
 
 log = logging.getLogger(__name__)
 
@@ -57,40 +62,28 @@ class RunTask(Task):  # type: ignore[misc]
 # -- one session ------------------------------------------------------------------
 
 
-@app.task(name="worker.tasks.backup_session", bind=True, base=RunTask, **RETRY_POLICY)
+@app.task(name=session_task_name("backup"), bind=True, base=RunTask, **RETRY_POLICY)
 def backup_session(
     self: Task, session_id: str, run_id: str | None = None, full: bool = False
 ) -> dict[str, Any]:
     """Back up one session (a one-session run); returns its result dict."""
-
-    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
-        return services.backup_engine().backup_batch(run, ids, full=full, explicit=True)
-
-    return _session_run(self, "backup", session_id, run_id, batch, details={"full": full})
+    return _session_run(self, BackupOptions(full=full), session_id, run_id)
 
 
-@app.task(name="worker.tasks.restore_session", bind=True, base=RunTask, **RETRY_POLICY)
+@app.task(name=session_task_name("restore"), bind=True, base=RunTask, **RETRY_POLICY)
 def restore_session(
     self: Task, session_id: str, force: bool = False, run_id: str | None = None
 ) -> dict[str, Any]:
     """Restore one session (a one-session run); returns its result dict."""
-
-    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
-        return services.restore_engine().restore_batch(run, ids, force=force, explicit=True)
-
-    return _session_run(self, "restore", session_id, run_id, batch, forced=force)
+    return _session_run(self, RestoreOptions(force=force), session_id, run_id)
 
 
-@app.task(name="worker.tasks.verify_session", bind=True, base=RunTask, **RETRY_POLICY)
+@app.task(name=session_task_name("verify"), bind=True, base=RunTask, **RETRY_POLICY)
 def verify_session(
     self: Task, session_id: str, quick: bool = False, run_id: str | None = None
 ) -> dict[str, Any]:
     """Compare one session in Redis with its backup (a one-session verify run)."""
-
-    def batch(services: Services, run: str, ids: list[str]) -> list[SessionResult]:
-        return services.verify_engine().verify_batch(run, ids, quick=quick)
-
-    return _session_run(self, "verify", session_id, run_id, batch, details={"quick": quick})
+    return _session_run(self, VerifyOptions(quick=quick), session_id, run_id)
 
 
 # -- full runs: a coordinator, batches per shard, a chord callback ------------------
@@ -99,7 +92,7 @@ def verify_session(
 # trail=False: the coordinator's result must not carry the hundreds of batch
 # tasks it started (Celery would attach them as `children`); the run record in
 # PostgreSQL is where progress lives.
-@app.task(name="worker.tasks.full_backup", bind=True, trail=False, **RETRY_POLICY)
+@app.task(name=full_task_name("backup"), bind=True, trail=False, **RETRY_POLICY)
 def full_backup(
     self: Task, full: bool = False, run_id: str | None = None, trigger: str = "task"
 ) -> dict[str, Any]:
@@ -108,60 +101,48 @@ def full_backup(
     Never two at once: a second full backup (a duplicate beat, an operator)
     while one is running returns ``{"status": "skipped", ...}``.
     """
-    return _full_run(self, "backup", run_id, backup_batch, full, trigger, {"full": full})
+    return _full_run(self, BackupOptions(full=full), run_id, trigger)
 
 
-@app.task(name="worker.tasks.full_restore", bind=True, trail=False, **RETRY_POLICY)
+@app.task(name=full_task_name("restore"), bind=True, trail=False, **RETRY_POLICY)
 def full_restore(
     self: Task, force: bool = False, run_id: str | None = None, trigger: str = "task"
 ) -> dict[str, Any]:
     """Restore every live session from PostgreSQL: batches per shard, then a chord."""
-    return _full_run(self, "restore", run_id, restore_batch, force, trigger, {}, forced=force)
+    return _full_run(self, RestoreOptions(force=force), run_id, trigger)
 
 
-@app.task(name="worker.tasks.full_verify", bind=True, trail=False, **RETRY_POLICY)
+@app.task(name=full_task_name("verify"), bind=True, trail=False, **RETRY_POLICY)
 def full_verify(
     self: Task, quick: bool = False, run_id: str | None = None, trigger: str = "task"
 ) -> dict[str, Any]:
     """Verify every session in Redis or PostgreSQL: batches per shard, then a chord."""
-    return _full_run(self, "verify", run_id, verify_batch, quick, trigger, {"quick": quick})
+    return _full_run(self, VerifyOptions(quick=quick), run_id, trigger)
 
 
-@app.task(name="worker.tasks.backup_batch", bind=True, **RETRY_POLICY)
-def backup_batch(
-    self: Task, run_id: str, shard: int, session_ids: list[str], full: bool = False
-) -> dict[str, Any]:
-    """Back up one batch of one shard's sessions; per-session results go to PostgreSQL."""
-    with process.task_services(_worker_name(self)) as services:
-        results = services.backup_engine().backup_batch(run_id, session_ids, full=full)
-    return _batch_summary(shard, results)
+def _batch_task(kind: RunKind) -> Task:
+    """The task that works on one batch of a full run of ``kind`` (one per kind)."""
+
+    @app.task(name=batch_task_name(kind), bind=True, **RETRY_POLICY)
+    def run_batch(
+        self: Task, run_id: str, shard: int, session_ids: list[str], options: dict[str, Any]
+    ) -> dict[str, Any]:
+        with process.task_services(_worker_name(self)) as services:
+            results = runs.run_batch(services, runs.options_for(kind, options), run_id, session_ids)
+        return _batch_summary(shard, results)
+
+    return run_batch
 
 
-@app.task(name="worker.tasks.restore_batch", bind=True, **RETRY_POLICY)
-def restore_batch(
-    self: Task, run_id: str, shard: int, session_ids: list[str], force: bool = False
-) -> dict[str, Any]:
-    """Restore one batch of one shard's sessions; per-session results go to PostgreSQL."""
-    with process.task_services(_worker_name(self)) as services:
-        results = services.restore_engine().restore_batch(run_id, session_ids, force=force)
-    return _batch_summary(shard, results)
-
-
-@app.task(name="worker.tasks.verify_batch", bind=True, **RETRY_POLICY)
-def verify_batch(
-    self: Task, run_id: str, shard: int, session_ids: list[str], quick: bool = False
-) -> dict[str, Any]:
-    """Verify one batch of one shard's sessions; per-session results go to PostgreSQL."""
-    with process.task_services(_worker_name(self)) as services:
-        results = services.verify_engine().verify_batch(run_id, session_ids, quick=quick)
-    return _batch_summary(shard, results)
+# backup_batch, restore_batch, verify_batch: per-session results go to PostgreSQL.
+BATCH_TASKS: dict[RunKind, Task] = {kind: _batch_task(kind) for kind in runs.KINDS}
 
 
 @app.task(name="worker.tasks.finish_run", bind=True, **RETRY_POLICY)
 def finish_run(self: Task, batch_summaries: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
     """Chord callback: complete the run's snapshot row from its per-session results."""
     with process.task_services(_worker_name(self)) as services:
-        run = services.pg.finish_run(run_id)
+        run = runs.finish(services, run_id)
     return run.as_dict()
 
 
@@ -215,95 +196,49 @@ def prune_runs(
 
 
 def _session_run(
-    task: Task,
-    kind: RunKind,
-    session_id: str,
-    run_id: str | None,
-    batch: Callable[[Services, str, list[str]], list[SessionResult]],
-    *,
-    forced: bool = False,
-    details: dict[str, Any] | None = None,
+    task: Task, options: RunOptions, session_id: str, run_id: str | None
 ) -> dict[str, Any]:
     """A run over one session: its record (the task's ID unless given), the batch, the end."""
     sid = parse_session_id(session_id)
-    run_id = run_id or task.request.id
     with process.task_services(_worker_name(task)) as services:
-        services.pg.ensure_run(
-            kind, "session", run_id=run_id, forced=forced, expected_sessions=1,
-            details=_details(task, session_id=sid, **(details or {})),
+        started = runs.start(
+            services, options, session_ids=[sid], run_id=run_id or task.request.id,
+            details=_details(task),
         )  # fmt: skip
-        [result] = batch(services, run_id, [sid])
-        run = services.pg.finish_run(run_id)
-    payload = result.as_dict()
-    payload["run_id"] = run_id
-    payload["run_status"] = run.status.value
-    return payload
+        [result] = runs.run_batch(services, options, started.run.id, [sid], explicit=True)
+        run = runs.finish(services, started.run.id)
+    return {**result.as_dict(), "run_id": run.id, "run_status": run.status.value}
 
 
-def _full_run(
-    task: Task,
-    kind: RunKind,
-    run_id: str | None,
-    batch_task: Task,
-    flag: bool,
-    trigger: str,
-    details: dict[str, Any],
-    *,
-    forced: bool = False,
-) -> dict[str, Any]:
+def _full_run(task: Task, options: RunOptions, run_id: str | None, trigger: str) -> dict[str, Any]:
     """Start a full run: list its sessions, record it, dispatch its chord.
 
-    ``batch_task`` gets (run ID, shard, session IDs, ``flag``) per batch. A
-    retried coordinator finds its run and does not dispatch it twice; while
-    another full run of the kind is running it returns ``status: skipped``.
+    A retried coordinator finds its run and does not dispatch it twice; while
+    another full run of this kind is running it returns ``status: skipped``.
     """
-    run_id = run_id or task.request.id
     settings = get_settings()
     with process.task_services(_worker_name(task)) as services:
-        ids, bad, extra = full_run_sessions(services, kind)
         try:
-            run, created = services.pg.ensure_run(
-                kind, "all", run_id=run_id, forced=forced, expected_sessions=len(ids),
-                kept=len(bad), details=_details(task, trigger=trigger, **details, **extra),
+            started = runs.start(
+                services, options, run_id=run_id or task.request.id,
+                details=_details(task, trigger=trigger),
             )  # fmt: skip
         except RunInProgress as busy:
-            log.info("full %s not started: %s", kind, busy)
+            log.info("full %s not started: %s", options.kind, busy)
             return {"status": "skipped", "reason": str(busy), "running_run_id": busy.run_id}
-        if not created and run.details.get("dispatched"):
-            return {"status": "running", "run_id": run_id, "sessions": len(ids)}
-        services.pg.keep_records(bad, run_id)
-        batches = shard_batches(ids, settings.backup_shards, settings.batch_sessions)
+        run, ids = started.run, started.session_ids
+        if not started.created and run.details.get("dispatched"):
+            return {"status": "running", "run_id": run.id, "sessions": len(ids)}
+        batches = runs.cut_batches(ids, settings.backup_shards, settings.batch_sessions)
         if not batches:
-            done = services.pg.finish_run(run_id)
-            return {"status": done.status.value, "run_id": run_id, "sessions": 0, "batches": 0}
-        header = [batch_task.si(run_id, shard, batch, flag) for shard, batch in batches]
-        _dispatch_chord(header, run_id)
-        services.pg.mark_run_dispatched(run_id)
-    return {"status": "running", "run_id": run_id, "sessions": len(ids), "batches": len(batches)}
-
-
-def shard_batches(
-    session_ids: Sequence[str], shards: int, batch_size: int
-) -> list[tuple[int, list[str]]]:
-    """Sessions grouped by shard, then cut into batches: one task per batch.
-
-    A chord of one task per session would be 100,000 tasks for 100,000
-    sessions (Celery issues #3808, #4983: slow and memory-hungry chords);
-    batches keep it to sessions / batch_size.
-    """
-    by_shard: dict[int, list[str]] = {}
-    for sid in session_ids:
-        by_shard.setdefault(shard_of(sid, shards), []).append(sid)
-    return [
-        (shard, ids[start : start + batch_size])
-        for shard, ids in sorted(by_shard.items())
-        for start in range(0, len(ids), batch_size)
-    ]
-
-
-def _dispatch_chord(header: list[Any], run_id: str) -> None:
-    callback = finish_run.s(run_id).on_error(fail_run.s(run_id))
-    chord(header)(callback)
+            done = runs.finish(services, run.id)
+            return {"status": done.status.value, "run_id": run.id, "sessions": 0, "batches": 0}
+        batch_task = BATCH_TASKS[options.kind]
+        flags = options.as_dict()
+        header = [batch_task.si(run.id, b.shard, b.session_ids, flags) for b in batches]
+        chord(header)(finish_run.s(run.id).on_error(fail_run.s(run.id)))
+        services.pg.mark_run_dispatched(run.id)
+    return {"status": "running", "run_id": run.id, "sessions": len(ids), "batches": len(batches)}
 
 
 def _batch_summary(shard: int, results: Sequence[SessionResult]) -> dict[str, Any]:

@@ -20,16 +20,14 @@ comparison.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 
 from worker.checksums import MessageChecksum, message_digest, session_digest
-from worker.engine import Engine
-from worker.errors import DndError, TransientError
-from worker.models import Session, SessionResult, SessionStatus
+from worker.engine import Coverage, Engine
+from worker.models import Session, SessionResult, SessionStatus, VerifyOptions
 from worker.records import RecordRejected, parse_message, parse_session_hash
 from worker.redis_store import Probe
 
@@ -114,28 +112,19 @@ class SessionDiff:
         return data
 
 
-class VerifyEngine(Engine):
-    def session_ids(self) -> list[str]:
+class VerifyEngine(Engine[VerifyOptions]):
+    def coverage(self) -> Coverage:
         """Every session in Redis's sessions set or (not soft-deleted) in PostgreSQL."""
         listed, _bad = self.listed_sessions()  # bad members: backups keep them aside
         ids = set(listed)
         for page in self.pg.live_session_ids():
             ids.update(page)
-        return sorted(ids)
+        return Coverage(sorted(ids))
 
-    def verify_batch(
-        self, run_id: str | None, session_ids: Sequence[str], *, quick: bool = False
-    ) -> list[SessionResult]:
-        """Compare sessions; results (with details) are recorded when ``run_id`` is set."""
-        ids = sorted(set(session_ids))
-        try:
-            results = self._attempt(ids, quick=quick)
-        except TransientError:
-            raise
-        except DndError as exc:
-            results = self.failed(ids, str(exc))
-        if run_id is not None:
-            self.pg.record_results(run_id, results)
+    def work(self, run_id: str | None, ids: list[str], *, explicit: bool) -> list[SessionResult]:
+        """Compare sessions; results carry what differs in their details."""
+        results = self._attempt(ids, quick=self.options.quick)
+        self.record(run_id, results)
         return results
 
     def _attempt(self, ids: list[str], *, quick: bool) -> list[SessionResult]:

@@ -6,7 +6,8 @@ from typing import Any
 
 import psycopg
 
-from worker.models import Run, SessionResult
+from worker.models import BackupOptions, RestoreOptions, Run, SessionResult, VerifyOptions
+from worker.runner import run_local
 
 
 def rows(conn: psycopg.Connection[Any], query: str, *params: Any) -> list[dict[str, Any]]:
@@ -49,3 +50,30 @@ def snapshot(conn: psycopg.Connection[Any], run_id: str) -> dict[str, Any]:
     found = rows(conn, "SELECT * FROM persistence_snapshots WHERE id = %s", run_id)
     assert len(found) == 1, f"no persistence_snapshots row for run {run_id}"
     return found[0]
+
+
+# Whole --local runs of each kind, as the tests have always started them. The
+# package has one entry point, worker.runner.run_local, which takes the run's
+# options; these name the kind and its one option.
+
+
+def backup_run(
+    services: Any, *, session_id: str | None = None, full: bool = False, **extra: Any
+) -> Run:
+    return run_local(services, BackupOptions(full=full), session_ids=_ids(session_id), **extra)
+
+
+def restore_run(
+    services: Any, *, session_id: str | None = None, force: bool = False, **extra: Any
+) -> Run:
+    return run_local(services, RestoreOptions(force=force), session_ids=_ids(session_id), **extra)
+
+
+def verify_run(
+    services: Any, *, session_id: str | None = None, quick: bool = False, **extra: Any
+) -> Run:
+    return run_local(services, VerifyOptions(quick=quick), session_ids=_ids(session_id), **extra)
+
+
+def _ids(session_id: str | None) -> list[str] | None:
+    return None if session_id is None else [session_id]

@@ -13,9 +13,15 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import message_count, results_by_session, rows, scalar, snapshot
+from tests.integration.helpers import (
+    backup_run,
+    message_count,
+    results_by_session,
+    rows,
+    scalar,
+    snapshot,
+)
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run
 
 
 def _session_row(pg_conn, sid):

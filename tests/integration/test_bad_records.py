@@ -14,9 +14,14 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import kept_records, message_count, results_by_session, rows
+from tests.integration.helpers import (
+    backup_run,
+    kept_records,
+    message_count,
+    results_by_session,
+    rows,
+)
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run
 
 
 def _member(obj) -> bytes:

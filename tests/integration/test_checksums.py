@@ -22,11 +22,10 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import results_by_session, rows
+from tests.integration.helpers import backup_run, results_by_session, rows
 from worker.checksums import MODULUS, message_digest, session_digest
 from worker.models import Session, SessionStatus
 from worker.records import parse_message
-from worker.runner import backup_run
 
 MESSAGE_SQL = (
     "SELECT id::text, session_id::text, created_at, role, content, tool_calls::text, player_id"

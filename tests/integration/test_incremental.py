@@ -16,9 +16,8 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import message_count, results_by_session, rows, scalar
+from tests.integration.helpers import backup_run, message_count, results_by_session, rows, scalar
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run
 from worker.services import open_services
 from worker.settings import Settings
 

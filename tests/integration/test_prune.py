@@ -17,8 +17,14 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import kept_records, rows, scalar
-from worker.runner import backup_run, restore_run, verify_run
+from tests.integration.helpers import (
+    backup_run,
+    kept_records,
+    restore_run,
+    rows,
+    scalar,
+    verify_run,
+)
 
 RUNNERS: dict[str, Any] = {"backup": backup_run, "restore": restore_run, "verify": verify_run}
 DATA_TABLES = {

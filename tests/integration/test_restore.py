@@ -14,9 +14,8 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import results_by_session
+from tests.integration.helpers import backup_run, restore_run, results_by_session
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run, restore_run
 from worker.services import open_services
 from worker.settings import Settings
 

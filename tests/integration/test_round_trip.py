@@ -15,9 +15,8 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import message_count
+from tests.integration.helpers import backup_run, message_count, restore_run
 from worker.models import RunStatus
-from worker.runner import backup_run, restore_run
 
 UNICODE_TEXTS = [
     "dragons \U0001f409 and dice \U0001f3b2",

@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 
 from tests.factories import message, new_id, session_fields, write_session
-from tests.integration.helpers import results_by_session, rows, scalar, snapshot
+from tests.integration.helpers import (
+    backup_run,
+    restore_run,
+    results_by_session,
+    rows,
+    scalar,
+    snapshot,
+)
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run, restore_run
 from worker.services import open_services
 from worker.settings import Settings
 

@@ -15,9 +15,8 @@ from tests.factories import (
     session_fields,
     write_session,
 )
-from tests.integration.helpers import results_by_session
+from tests.integration.helpers import backup_run, results_by_session, verify_run
 from worker.models import RunStatus, SessionStatus
-from worker.runner import backup_run, verify_run
 
 
 def _member(msg: dict) -> bytes:

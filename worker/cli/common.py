@@ -69,3 +69,19 @@ def one_of_all_or_session(all_sessions: bool, session_id: str | None, extra: str
         raise click.UsageError("give either --all or --session ID, not both")
     if not all_sessions and not session_id:
         raise click.UsageError(f"give --all or --session ID{extra}")
+
+
+def wait_options(func: F) -> F:
+    """--no-wait and --timeout: how long a command waits for the workers' run."""
+    func = click.option(
+        "--timeout",
+        type=click.FloatRange(min=1),
+        default=None,
+        metavar="SECONDS",
+        help="Stop waiting after this long (the run goes on); default: wait until done.",
+    )(func)
+    return click.option(
+        "--no-wait",
+        is_flag=True,
+        help="Hand the run to the workers, print its ID and return at once.",
+    )(func)

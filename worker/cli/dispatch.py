@@ -15,7 +15,8 @@ from typing import Any
 from worker.cli.common import settings
 from worker.cli.output import Output, ProgressBar
 from worker.errors import NoWorkers, ServiceUnavailable, WaitTimeout
-from worker.models import Run
+from worker.models import Run, RunKind, RunOptions
+from worker.runs import KINDS
 from worker.services import open_postgres
 from worker.settings import Settings, redact_url
 
@@ -27,23 +28,26 @@ COORDINATOR_TIMEOUT_S = 120.0
 
 
 def run_on_workers(
-    kind: str,
+    options: RunOptions,
     *,
     session_id: str | None,
-    full: bool = False,
-    force: bool = False,
-    quick: bool = False,
     no_wait: bool,
     timeout: float | None,
     out: Output,
 ) -> Run | None:
     """Start a run on the workers; wait for it and return it (None with --no-wait)."""
-    from worker import tasks
     from worker.celery import app
-    from worker.celery_config import all_queues, default_queue, shard_queue
+    from worker.celery_config import (
+        all_queues,
+        default_queue,
+        full_task_name,
+        session_task_name,
+        shard_queue,
+    )
     from worker.sharding import shard_of
 
     config = settings()
+    kind = options.kind
     if session_id is not None:
         needed = [shard_queue(config, shard_of(session_id, config.backup_shards))]
     else:
@@ -51,30 +55,14 @@ def run_on_workers(
     check_workers(app, needed, config)
 
     run_id = str(uuid.uuid4())
-    # What each kind of run passes on: --full, --force, --quick.
-    flags: dict[str, Any] = {
-        "backup": {"full": full},
-        "restore": {"force": force},
-        "verify": {"quick": quick},
-    }[kind]
     with _broker_errors(config):
         if session_id is not None:
-            task = {
-                "backup": tasks.backup_session,
-                "restore": tasks.restore_session,
-                "verify": tasks.verify_session,
-            }[kind]
-            options: dict[str, Any] = {"session_id": session_id, "run_id": run_id, **flags}
-            async_result = task.apply_async(kwargs=options, task_id=run_id)
+            kwargs = {"session_id": session_id, "run_id": run_id, **options.as_dict()}
+            async_result = app.send_task(session_task_name(kind), kwargs=kwargs, task_id=run_id)
         else:
-            task = {
-                "backup": tasks.full_backup,
-                "restore": tasks.full_restore,
-                "verify": tasks.full_verify,
-            }[kind]
-            options = {"run_id": run_id, "trigger": "cli", **flags}
-            async_result = task.apply_async(
-                kwargs=options, task_id=run_id, queue=default_queue(config)
+            kwargs = {"run_id": run_id, "trigger": "cli", **options.as_dict()}
+            async_result = app.send_task(
+                full_task_name(kind), kwargs=kwargs, task_id=run_id, queue=default_queue(config)
             )
     try:
         if no_wait:
@@ -105,12 +93,14 @@ def run_on_workers(
     return watch_run(run_id, kind=kind, timeout=timeout, needed_queues=needed)
 
 
-def watch_run(run_id: str, *, kind: str, timeout: float | None, needed_queues: list[str]) -> Run:
+def watch_run(
+    run_id: str, *, kind: RunKind, timeout: float | None, needed_queues: list[str]
+) -> Run:
     """Follow a run in PostgreSQL until it is done, with a progress bar on a terminal."""
     from worker.celery import app
 
     config = settings()
-    bar = ProgressBar({"backup": "backing up", "restore": "restoring"}.get(kind, "verifying"))
+    bar = ProgressBar(KINDS[kind].doing)
     started = time.monotonic()
     last_change = started
     last_seen: tuple[int, int] | None = None

@@ -11,15 +11,16 @@ import click
 
 from worker.cli import exit_codes
 from worker.cli.common import (
-    F,
     local_option,
     one_of_all_or_session,
     output_option,
     session_option,
     settings,
+    wait_options,
 )
+from worker.cli.launch import launch
 from worker.cli.output import Output, ProgressBar, format_duration, run_exit_status
-from worker.models import Run, RunStatus, SessionStatus
+from worker.models import BackupOptions, RestoreOptions, Run, RunOptions, RunStatus, SessionStatus
 from worker.services import open_postgres, open_services
 
 
@@ -55,28 +56,6 @@ class _Duration(click.ParamType):  # type: ignore[type-arg]
 
 DURATION = _Duration()
 
-WAIT_OPTIONS = [
-    click.option(
-        "--no-wait",
-        is_flag=True,
-        help="Hand the run to the workers, print its ID and return at once.",
-    ),
-    click.option(
-        "--timeout",
-        type=click.FloatRange(min=1),
-        default=None,
-        metavar="SECONDS",
-        help="Stop waiting after this long (the run goes on); default: wait until done.",
-    ),
-]
-
-
-def _wait_options(func: F) -> F:
-    for option in reversed(WAIT_OPTIONS):
-        func = option(func)
-    return func
-
-
 # -- backup -------------------------------------------------------------------
 
 
@@ -92,7 +71,7 @@ def _wait_options(func: F) -> F:
     "picks up messages edited or replaced in place).",
 )
 @local_option
-@_wait_options
+@wait_options
 @output_option
 @click.pass_context
 def backup(
@@ -122,13 +101,12 @@ def backup(
         return None
     one_of_all_or_session(all_sessions, session_id, " (or a subcommand: list, show)")
     return _start(
-        "backup",
+        BackupOptions(full=full),
         session_id=session_id,
         local=local,
         no_wait=no_wait,
         timeout=timeout,
         output=output,
-        full=full,
     )
 
 
@@ -314,7 +292,7 @@ def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output:
     "--cleanup", is_flag=True, help="Drill: delete the target prefix's keys after verifying."
 )
 @local_option
-@_wait_options
+@wait_options
 @output_option
 def restore(
     all_sessions: bool,
@@ -355,13 +333,12 @@ def restore(
     if cleanup:
         raise click.UsageError("--cleanup is for drills (--target-redis / --target-prefix)")
     return _start(
-        "restore",
+        RestoreOptions(force=force),
         session_id=session_id,
         local=local,
         no_wait=no_wait,
         timeout=timeout,
         output=output,
-        force=force,
     )
 
 
@@ -438,48 +415,21 @@ def _drill(
 
 
 def _start(
-    kind: str,
+    options: RunOptions,
     *,
     session_id: str | None,
     local: bool,
     no_wait: bool,
     timeout: float | None,
     output: str,
-    full: bool = False,
-    force: bool = False,
 ) -> int:
     out = Output(output)
-    if local:
-        if no_wait:
-            raise click.UsageError("--no-wait needs the workers; it cannot go with --local")
-        return _report(_run_local(kind, session_id=session_id, full=full, force=force), out)
-    from worker.cli.dispatch import run_on_workers
-
-    run = run_on_workers(
-        kind,
-        session_id=session_id,
-        full=full,
-        force=force,
-        no_wait=no_wait,
-        timeout=timeout,
-        out=out,
+    run = launch(
+        options, session_id=session_id, local=local, no_wait=no_wait, timeout=timeout, out=out
     )
     if run is None:  # --no-wait: the run ID was printed
         return exit_codes.OK
     return _report(run, out)
-
-
-def _run_local(kind: str, *, session_id: str | None, full: bool, force: bool) -> Run:
-    from worker.runner import backup_run, restore_run
-
-    bar = ProgressBar("backing up" if kind == "backup" else "restoring")
-    with open_services(settings()) as services:
-        try:
-            if kind == "backup":
-                return backup_run(services, session_id=session_id, full=full, progress=bar)
-            return restore_run(services, session_id=session_id, force=force, progress=bar)
-        finally:
-            bar.close()
 
 
 def _report(run: Run, out: Output) -> int:

@@ -13,10 +13,12 @@ from worker.cli.common import (
     output_option,
     session_option,
     settings,
+    wait_options,
 )
-from worker.cli.output import Output, ProgressBar
-from worker.models import Run, RunStatus, SessionResult, SessionStatus
-from worker.services import open_postgres, open_services
+from worker.cli.launch import launch
+from worker.cli.output import Output
+from worker.models import Run, RunStatus, SessionResult, SessionStatus, VerifyOptions
+from worker.services import open_postgres
 
 
 @click.command()
@@ -32,16 +34,7 @@ from worker.services import open_postgres, open_services
     "comparison for a session that does not match).",
 )
 @local_option
-@click.option(
-    "--no-wait", is_flag=True, help="Hand the run to the workers, print its ID and return at once."
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=1),
-    default=None,
-    metavar="SECONDS",
-    help="Stop waiting after this long (the run goes on).",
-)
+@wait_options
 @output_option
 def verify(
     all_sessions: bool,
@@ -62,33 +55,16 @@ def verify(
     """
     one_of_all_or_session(all_sessions, session_id)
     out = Output(output)
-    if local:
-        if no_wait:
-            raise click.UsageError("--no-wait needs the workers; it cannot go with --local")
-        from worker.runner import verify_run
-
-        bar = ProgressBar("verifying")
-        with open_services(settings()) as services:
-            try:
-                run = verify_run(services, session_id=session_id, quick=quick, progress=bar)
-            finally:
-                bar.close()
-    else:
-        from worker.cli.dispatch import run_on_workers
-
-        on_workers = run_on_workers(
-            "verify",
-            session_id=session_id,
-            full=False,
-            force=False,
-            quick=quick,
-            no_wait=no_wait,
-            timeout=timeout,
-            out=out,
-        )
-        if on_workers is None:
-            return exit_codes.OK
-        run = on_workers
+    run = launch(
+        VerifyOptions(quick=quick),
+        session_id=session_id,
+        local=local,
+        no_wait=no_wait,
+        timeout=timeout,
+        out=out,
+    )
+    if run is None:  # --no-wait: the run ID was printed
+        return exit_codes.OK
     return report_verify(run, out)
 
 
