@@ -27,8 +27,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import orjson
-
 from worker.checksums import MessageChecksum, message_digest, session_digest
 from worker.engine import Engine
 from worker.errors import DndError, MessageConflict, TransientError
@@ -40,6 +38,7 @@ from worker.records import (
     hash_digest,
     parse_message,
     parse_session_hash,
+    peek_message_id,
 )
 from worker.redis_store import Probe
 
@@ -317,7 +316,7 @@ class BackupEngine(Engine):
             raw=raw,
             reason=reason,
             session_id=sid,
-            message_id=_peek_message_id(raw),
+            message_id=peek_message_id(raw),
             score=score,
         )
 
@@ -424,14 +423,3 @@ class BackupEngine(Engine):
 
 
 _DUPLICATE = "another message of this session has the same id (the first one read was stored)"
-
-
-def _peek_message_id(raw: bytes) -> str | None:
-    """The id of a message that failed validation, if it can be read at all."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("id"), str):
-        return str(value["id"])[:100]
-    return None
