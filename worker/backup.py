@@ -26,8 +26,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import orjson
-
 from worker.backup_plan import MessagePlan, SessionPlan, plan_session
 from worker.checksums import MessageChecksum, message_digest, session_digest
 from worker.engine import Coverage, Engine
@@ -41,7 +39,7 @@ from worker.models import (
     Watermark,
 )
 from worker.pg_store import MessageCopy
-from worker.records import RecordRejected, parse_message
+from worker.records import RecordRejected, parse_message, peek_message_id
 
 # Kept records are buffered while a COPY streams; past this many the COPY is
 # paused and they are written, so a session of garbage cannot fill memory.
@@ -225,7 +223,7 @@ class BackupEngine(Engine[BackupOptions]):
             raw=raw,
             reason=reason,
             session_id=sid,
-            message_id=_peek_message_id(raw),
+            message_id=peek_message_id(raw),
             score=score,
         )
 
@@ -338,14 +336,3 @@ def _next_watermark(progress: SessionProgress) -> Watermark | None:
 
 
 DUPLICATE_REASON = "another message of this session has the same id (the first one read was stored)"
-
-
-def _peek_message_id(raw: bytes) -> str | None:
-    """The id of a message that failed validation, if it can be read at all."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("id"), str):
-        return str(value["id"])[:100]
-    return None

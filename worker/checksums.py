@@ -18,19 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 
 import orjson
 
 from worker.models import MessageRow, Session
+from worker.records import EPOCH
 
 MODULUS = 1 << 128
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _micros(value: datetime) -> int:
-    delta = value - _EPOCH
+    # Exact integer arithmetic: timestamp() is a float, which cannot hold every microsecond.
+    delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 

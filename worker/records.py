@@ -1,12 +1,16 @@
-"""Reading and writing the application's records (CONTRACT §1).
+"""Reading and writing the application's records (docs/contract.md §1).
 
 Pure functions, no I/O: a session hash or a zset member goes in, a validated
 value comes out, or :class:`RecordRejected` says why the record cannot be stored
 faithfully. The backup engine turns a rejection into a kept-aside record; it
-never drops one.
+never drops one. Going back, a restore writes the hash from :func:`session_hash`;
+its zset members are built by PostgreSQL (``restore_members`` in sql/queries.sql).
 
 ``parse_message`` runs once per message of every backup, so it is written for
-speed: orjson, precompiled regexes, ``type(x) is str`` rather than isinstance.
+speed: orjson, precompiled regexes, ``type(x) is str`` rather than isinstance,
+and its checks inline: the helpers that word a rejection's reason are called
+only for a record that fails, as a call per field would cost more than the
+checks themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import orjson
 
@@ -59,6 +64,11 @@ SESSION_REQUIRED = (
 SESSION_OPTIONAL = ("max_players", "settings", "status", "deleted_at")
 SESSION_FIELDS = frozenset(SESSION_REQUIRED + SESSION_OPTIONAL)
 _INT4 = (-(2**31), 2**31 - 1)
+# The Unix epoch, for zset scores (epoch_ms) and checksums (epoch microseconds).
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# peek_message_id's limit: the id of a rejected message only labels it, and any
+# text may be there.
+_PEEKED_ID_LIMIT = 100
 _offsets: dict[str, timezone] = {}
 
 
@@ -71,11 +81,6 @@ class RecordRejected(ValueError):
 
 
 # -- identifiers ------------------------------------------------------------
-
-
-def is_session_id(value: str) -> bool:
-    """True for a canonical (lowercase, hyphenated) UUID, the only form we key on."""
-    return _UUID_RE.fullmatch(value) is not None
 
 
 def parse_session_id(value: str) -> str:
@@ -114,62 +119,76 @@ def classify_set_member(member: bytes) -> str:
 def parse_timestamp(text: object, what: str = "timestamp") -> datetime:
     """An RFC 3339 timestamp from any writer, as an aware datetime in UTC.
 
-    Fractions beyond microseconds (Go writes nanoseconds) are rounded to the
-    nearest microsecond, as PostgreSQL itself does; no offset means UTC.
+    Fractions beyond microseconds (Go writes nanoseconds) are truncated to the
+    microsecond, never rounded: Go's UnixMilli, pgx and the application's zset
+    scores all truncate, and rounding could carry a message into the next
+    millisecond (or second), so that a restore would score it differently from
+    the application. No offset means UTC.
     """
     if type(text) is not str:
         raise RecordRejected(f"{what} must be a string (got {_json_type(text)})")
-    if _COMMON_TIMESTAMP_RE.fullmatch(text):
-        try:
-            value = datetime.fromisoformat(text)
-        except ValueError as exc:
-            raise RecordRejected(f"{what} is not a valid date/time: {text!r} ({exc})") from None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        if value.tzinfo is not UTC:
-            try:
-                value = value.astimezone(UTC)
-            except OverflowError:
-                raise RecordRejected(f"{what} is out of range: {text!r}") from None
+    if _COMMON_TIMESTAMP_RE.fullmatch(text) is None:
+        return _parse_rfc3339(text, what)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise RecordRejected(f"{what} is not a valid date/time: {text!r} ({exc})") from None
+    if value.tzinfo is UTC:
         return value
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return _to_utc(value, text, what)
+
+
+def _parse_rfc3339(text: str, what: str) -> datetime:
+    """The slow path of parse_timestamp: whatever fromisoformat must not be trusted with."""
     match = _TIMESTAMP_RE.fullmatch(text)
     if match is None:
         raise RecordRejected(f"{what} is not an RFC 3339 timestamp: {_clip(text)!r}")
     year, month, day, hour, minute, second, fraction, zulu, sign, off_h, off_m = match.groups()
-    micro = 0
-    carry = False
-    if fraction:
-        micro = int(fraction[:6].ljust(6, "0"))
-        if len(fraction) > 6 and fraction[6] >= "5":
-            micro += 1
-            if micro == 1_000_000:
-                micro, carry = 0, True
-    if zulu or sign is None:
-        tz: timezone = UTC
-    else:
-        key = sign + off_h + off_m
-        tz_cached = _offsets.get(key)
-        if tz_cached is None:
-            minutes = int(off_h) * 60 + int(off_m)
-            if int(off_m) >= 60 or minutes >= 24 * 60:
-                raise RecordRejected(f"{what} has an impossible UTC offset: {_clip(text)!r}")
-            tz_cached = timezone(timedelta(minutes=-minutes if sign == "-" else minutes))
-            _offsets[key] = tz_cached
-        tz = tz_cached
+    tz = UTC if zulu or sign is None else _parse_offset(sign, off_h, off_m, text, what)
     try:
         value = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tz
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            _parse_fraction(fraction),
+            tz,
         )
     except ValueError as exc:
         raise RecordRejected(f"{what} is not a valid date/time: {_clip(text)!r} ({exc})") from None
+    return _to_utc(value, text, what)
+
+
+def _parse_fraction(fraction: str | None) -> int:
+    """Fractional seconds as microseconds, digits beyond the sixth cut off (not rounded)."""
+    return int(fraction[:6].ljust(6, "0")) if fraction else 0
+
+
+def _parse_offset(sign: str, hours: str, minutes: str, text: str, what: str) -> timezone:
+    """A UTC offset such as +08:00, checked once and then cached: writers use a few."""
+    key = sign + hours + minutes
+    tz = _offsets.get(key)
+    if tz is None:
+        total = int(hours) * 60 + int(minutes)
+        if int(minutes) >= 60 or total >= 24 * 60:
+            raise RecordRejected(f"{what} has an impossible UTC offset: {_clip(text)!r}")
+        tz = timezone(timedelta(minutes=-total if sign == "-" else total))
+        _offsets[key] = tz
+    return tz
+
+
+def _to_utc(value: datetime, text: str, what: str) -> datetime:
+    """``value`` (aware) in UTC; near the ends of the calendar there may be no such instant."""
+    if value.tzinfo is UTC:
+        return value
     try:
-        if carry:
-            value += timedelta(seconds=1)
-        if tz is not UTC:
-            value = value.astimezone(UTC)
+        return value.astimezone(UTC)
     except OverflowError:
         raise RecordRejected(f"{what} is out of range: {_clip(text)!r}") from None
-    return value
 
 
 def format_timestamp(value: datetime) -> str:
@@ -179,15 +198,18 @@ def format_timestamp(value: datetime) -> str:
 
 
 def epoch_ms(value: datetime) -> int:
-    """The zset score of a message created at ``value`` (CONTRACT §1)."""
-    delta = value - _EPOCH
+    """The zset score of a message created at ``value`` (docs/contract.md §1).
+
+    Floored like Go's UnixMilli, also before 1970.
+    """
+    delta = value - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 # -- messages ---------------------------------------------------------------
+
+_CONTENT_NUL = "message content contains a NUL byte, which PostgreSQL text cannot hold"
+_PLAYER_ID_NUL = "message player_id contains a NUL byte"
 
 
 def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
@@ -198,90 +220,95 @@ def parse_message(session_id: str, raw: bytes) -> tuple[MessageRow, str | None]:
     caller keeps the raw record aside as well. Raises RecordRejected when the
     record cannot be stored at all.
     """
+    # Checks inline, helpers only for the reasons: see the module docstring.
+    obj = _load_message(raw)
+    lossy = None if len(obj) <= 7 and obj.keys() <= MESSAGE_KEYS else _unknown_keys(obj)
+    message_id = obj.get("id")
+    if type(message_id) is not str or _UUID_RE.fullmatch(message_id) is None:
+        raise RecordRejected(_bad_id("message id", message_id))
+    owner = obj.get("session_id")
+    if owner != session_id:
+        raise RecordRejected(_bad_owner(owner, session_id))
+    created_at = parse_timestamp(obj.get("created_at"), "message created_at")
+    role = obj.get("role")
+    if type(role) is not str or role not in _ROLES:
+        raise RecordRejected(_bad_role(role))
+    content = obj.get("content")
+    if content is not None and (type(content) is not str or "\x00" in content):
+        raise RecordRejected(_bad_text_field("content", content, _CONTENT_NUL))
+    player_id = obj.get("player_id")
+    if player_id is not None and (type(player_id) is not str or "\x00" in player_id):
+        raise RecordRejected(_bad_text_field("player_id", player_id, _PLAYER_ID_NUL))
+    tool_calls = obj.get("tool_calls")
+    tool_calls_json = None if tool_calls is None else _tool_calls_json(tool_calls, raw)
+    row = (message_id, session_id, created_at, role, content, tool_calls_json, player_id)
+    return row, lossy
+
+
+def _load_message(raw: bytes) -> dict[str, Any]:
+    """A zset member's JSON object, or RecordRejected."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise RecordRejected(f"message is not valid JSON: {exc}") from None
     if type(obj) is not dict:
         raise RecordRejected(f"message must be a JSON object (got {_json_type(obj)})")
-    lossy = None
-    if len(obj) > 7 or not obj.keys() <= MESSAGE_KEYS:
-        unknown = sorted(set(obj) - MESSAGE_KEYS)
-        if unknown:
-            lossy = f"message has keys with no column, not stored: {', '.join(unknown)}"
-    message_id = obj.get("id")
-    if type(message_id) is not str or _UUID_RE.fullmatch(message_id) is None:
-        raise RecordRejected(_bad_id("message id", message_id))
-    owner = obj.get("session_id")
-    if owner != session_id:
-        if owner is None:
-            raise RecordRejected("message has no session_id")
-        raise RecordRejected(
-            f"message belongs to session {_clip(str(owner))!r}, "
-            f"but is stored under session {session_id}"
-        )
-    created_at = parse_timestamp(obj.get("created_at"), "message created_at")
-    role = obj.get("role")
-    if type(role) is not str or role not in _ROLES:
-        if role is None:
-            raise RecordRejected("message has no role")
-        raise RecordRejected(
-            f"message role must be one of system, user, assistant, tool (got {_clip(str(role))!r})"
-        )
-    content = obj.get("content")
-    if content is not None:
-        if type(content) is not str:
-            raise RecordRejected(
-                f"message content must be a string or null (got {_json_type(content)})"
-            )
-        if "\x00" in content:
-            raise RecordRejected(
-                "message content contains a NUL byte, which PostgreSQL text cannot hold"
-            )
-    player_id = obj.get("player_id")
-    if player_id is not None:
-        if type(player_id) is not str:
-            raise RecordRejected(
-                f"message player_id must be a string or null (got {_json_type(player_id)})"
-            )
-        if "\x00" in player_id:
-            raise RecordRejected("message player_id contains a NUL byte")
-    tool_calls = obj.get("tool_calls")
-    tool_calls_json = None
-    if tool_calls is not None:
-        tool_calls_json = orjson.dumps(tool_calls).decode()
-        if "e+" in tool_calls_json:
-            tool_calls_json = _exact_json(raw, "tool_calls")
-        if "\\u0000" in tool_calls_json and _JSON_NUL_RE.search(tool_calls_json):
-            raise RecordRejected(
-                "message tool_calls contains a NUL character, which PostgreSQL jsonb cannot hold"
-            )
-    row = (message_id, session_id, created_at, role, content, tool_calls_json, player_id)
-    return row, lossy
+    return obj
 
 
-def message_member(
-    message_id: str,
-    session_id: str,
-    created_at: str,
-    role: str,
-    content: str | None,
-    tool_calls_json: str | None,
-    player_id: str | None,
-) -> bytes:
-    """A message as the zset member a restore writes: compact JSON, contract key order."""
-    return orjson.dumps(
-        {
-            "id": message_id,
-            "session_id": session_id,
-            "created_at": created_at,
-            "role": role,
-            "content": content,
-            # jsonb text is already valid JSON; a Fragment embeds it unparsed.
-            "tool_calls": None if tool_calls_json is None else orjson.Fragment(tool_calls_json),
-            "player_id": player_id,
-        }
+def _unknown_keys(obj: Mapping[str, object]) -> str | None:
+    """The lossy reason for a message with keys that have no column, if it has any."""
+    unknown = sorted(set(obj) - MESSAGE_KEYS)
+    if not unknown:
+        return None
+    return f"message has keys with no column, not stored: {', '.join(unknown)}"
+
+
+def _bad_owner(owner: object, session_id: str) -> str:
+    if owner is None:
+        return "message has no session_id"
+    return (
+        f"message belongs to session {_clip(str(owner))!r}, "
+        f"but is stored under session {session_id}"
     )
+
+
+def _bad_role(role: object) -> str:
+    if role is None:
+        return "message has no role"
+    return f"message role must be one of system, user, assistant, tool (got {_clip(str(role))!r})"
+
+
+def _bad_text_field(name: str, value: object, nul_reason: str) -> str:
+    """Why a text column's value was refused: not a string, or a NUL PostgreSQL cannot hold."""
+    if type(value) is not str:
+        return f"message {name} must be a string or null (got {_json_type(value)})"
+    return nul_reason
+
+
+def _tool_calls_json(tool_calls: object, raw: bytes) -> str:
+    """tool_calls as compact JSON text for jsonb, big integers exact, NULs refused."""
+    text = orjson.dumps(tool_calls).decode()
+    if "e+" in text:
+        text = _exact_json(raw, "tool_calls")
+    if "\\u0000" in text and _JSON_NUL_RE.search(text):
+        raise RecordRejected(
+            "message tool_calls contains a NUL character, which PostgreSQL jsonb cannot hold"
+        )
+    return text
+
+
+def peek_message_id(raw: bytes) -> str | None:
+    """The id of a message that failed validation, to name it, if it can be read at all.
+
+    Only a string id is returned, clipped to 100 characters; anything else is None.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    message_id = value.get("id") if type(value) is dict else None
+    return message_id[:_PEEKED_ID_LIMIT] if type(message_id) is str else None
 
 
 # -- sessions ---------------------------------------------------------------
@@ -294,6 +321,45 @@ def parse_session_hash(
 
     Returns ``(session, lossy_reason)`` like :func:`parse_message`.
     """
+    text = _decode_hash_fields(fields)
+    missing = [name for name in SESSION_REQUIRED if not text.get(name)]
+    if missing:
+        raise RecordRejected(f"session hash is missing required fields: {', '.join(missing)}")
+    if text["id"] != session_id:
+        raise RecordRejected(
+            f"session hash id {_clip(text['id'])!r} does not match its key ({session_id})"
+        )
+    unknown = sorted(set(text) - SESSION_FIELDS)
+    lossy = (
+        f"session hash has fields with no column, not stored: {', '.join(unknown)}"
+        if unknown
+        else None
+    )
+    max_players = _parse_max_players(text.get("max_players"))
+    settings_json = _parse_settings(text.get("settings"))
+    deleted_at = (
+        parse_timestamp(text["deleted_at"], "session deleted_at")
+        if text.get("deleted_at")
+        else None
+    )
+    session = Session(
+        id=session_id,
+        name=text["name"],
+        creator_id=text["creator_id"],
+        mcp_server_url=text["mcp_server_url"],
+        websocket_key=text["websocket_key"],
+        created_at=parse_timestamp(text["created_at"], "session created_at"),
+        updated_at=parse_timestamp(text["updated_at"], "session updated_at"),
+        max_players=max_players,
+        settings=settings_json,
+        status=text.get("status") or "active",
+        deleted_at=deleted_at,
+    )
+    return session, lossy
+
+
+def _decode_hash_fields(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    """A session hash's fields and values as text, or RecordRejected (not UTF-8, NUL)."""
     text: dict[str, str] = {}
     for raw_key, raw_value in fields.items():
         try:
@@ -309,59 +375,36 @@ def parse_session_hash(
                 f"session field {key!r} contains a NUL byte, which PostgreSQL text cannot hold"
             )
         text[key] = value
-    missing = [name for name in SESSION_REQUIRED if not text.get(name)]
-    if missing:
-        raise RecordRejected(f"session hash is missing required fields: {', '.join(missing)}")
-    if text["id"] != session_id:
+    return text
+
+
+def _parse_max_players(raw: str | None) -> int | None:
+    """max_players as an int4 (an empty or absent field is None)."""
+    if not raw:
+        return None
+    if not _MAX_PLAYERS_RE.fullmatch(raw) or not _INT4[0] <= int(raw) <= _INT4[1]:
+        raise RecordRejected(f"session max_players must be an integer (got {_clip(raw)!r})")
+    return int(raw)
+
+
+def _parse_settings(raw: str | None) -> str | None:
+    """settings as compact JSON text for jsonb: an object, big integers exact, NULs refused."""
+    if not raw:
+        return None
+    try:
+        settings = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RecordRejected(f"session settings is not valid JSON: {exc}") from None
+    if type(settings) is not dict:
+        raise RecordRejected(f"session settings must be a JSON object (got {_json_type(settings)})")
+    text = orjson.dumps(settings).decode()
+    if "e+" in text:
+        text = _exact_json(raw)
+    if "\\u0000" in text and _JSON_NUL_RE.search(text):
         raise RecordRejected(
-            f"session hash id {_clip(text['id'])!r} does not match its key ({session_id})"
+            "session settings contains a NUL character, which PostgreSQL jsonb cannot hold"
         )
-    unknown = sorted(set(text) - SESSION_FIELDS)
-    lossy = (
-        f"session hash has fields with no column, not stored: {', '.join(unknown)}"
-        if unknown
-        else None
-    )
-    max_players = None
-    if text.get("max_players"):
-        raw_max = text["max_players"]
-        if not _MAX_PLAYERS_RE.fullmatch(raw_max) or not _INT4[0] <= int(raw_max) <= _INT4[1]:
-            raise RecordRejected(f"session max_players must be an integer (got {_clip(raw_max)!r})")
-        max_players = int(raw_max)
-    settings_json = None
-    if text.get("settings"):
-        try:
-            settings_obj = orjson.loads(text["settings"])
-        except orjson.JSONDecodeError as exc:
-            raise RecordRejected(f"session settings is not valid JSON: {exc}") from None
-        if type(settings_obj) is not dict:
-            raise RecordRejected(
-                f"session settings must be a JSON object (got {_json_type(settings_obj)})"
-            )
-        settings_json = orjson.dumps(settings_obj).decode()
-        if "e+" in settings_json:
-            settings_json = _exact_json(text["settings"])
-        if "\\u0000" in settings_json and _JSON_NUL_RE.search(settings_json):
-            raise RecordRejected(
-                "session settings contains a NUL character, which PostgreSQL jsonb cannot hold"
-            )
-    deleted_at = None
-    if text.get("deleted_at"):
-        deleted_at = parse_timestamp(text["deleted_at"], "session deleted_at")
-    session = Session(
-        id=session_id,
-        name=text["name"],
-        creator_id=text["creator_id"],
-        mcp_server_url=text["mcp_server_url"],
-        websocket_key=text["websocket_key"],
-        created_at=parse_timestamp(text["created_at"], "session created_at"),
-        updated_at=parse_timestamp(text["updated_at"], "session updated_at"),
-        max_players=max_players,
-        settings=settings_json,
-        status=text.get("status") or "active",
-        deleted_at=deleted_at,
-    )
-    return session, lossy
+    return text
 
 
 def session_hash(session: Session) -> dict[str, str]:

@@ -28,7 +28,12 @@ import orjson
 from worker.checksums import MessageChecksum, message_digest, session_digest
 from worker.engine import Coverage, Engine
 from worker.models import Session, SessionResult, SessionStatus, VerifyOptions
-from worker.records import RecordRejected, parse_message, parse_session_hash
+from worker.records import (
+    RecordRejected,
+    parse_message,
+    parse_session_hash,
+    peek_message_id,
+)
 from worker.redis_store import Probe
 
 EXAMPLES = 5  # message IDs listed per kind of difference
@@ -164,43 +169,36 @@ class VerifyEngine(Engine[VerifyOptions]):
         *,
         quick: bool,
     ) -> SessionDiff:
+        """How one session compares with its backup.
+
+        Its fields, then its messages one by one; with ``quick``, only their sum
+        when that matches the checksum the last backup recorded.
+        """
         diff = SessionDiff(session_id=sid, in_redis=probe.exists, in_backup=stored is not None)
         if stored is not None and stored.deleted_at is not None:
             diff.soft_deleted = True
             if not probe.exists:
                 return diff
-        live: Session | None = None
-        if probe.fields:
-            try:
-                live, lossy = parse_session_hash(sid, probe.fields)
-            except RecordRejected as rejected:
-                diff.redis_unreadable = rejected.reason
-            else:
-                if lossy:  # fields with no column: kept aside by backups, not stored
-                    diff.kept_aside += 1
-        elif probe.exists:  # listed, or messages left, but the hash itself is gone
-            diff.redis_unreadable = (
-                "listed in the sessions set but has no session hash"
-                if probe.listed
-                else f"has {probe.message_count} messages but no session hash"
-            )
+        live = _live_session(sid, probe, diff)
         redis_digests, redis_sum = self._redis_messages(sid, diff) if probe.exists else ({}, None)
         if stored is None:
             diff.messages_in_redis = len(redis_digests)
             return diff
         if live is not None:
             diff.fields_differ = _differing_fields(live, stored)
-        if (
-            quick
-            and recorded is not None
-            and redis_sum is not None
-            and redis_sum == recorded[0]
-            and live is not None
-            and session_digest(live) == recorded[1]
-        ):
+        if quick and recorded is not None and _matches_recorded(recorded, redis_sum, live):
             diff.checked_by = "checksum"
             diff.messages_in_backup = recorded[0].count
             return diff
+        backup_sum = self._compare_backup_messages(sid, redis_digests, diff)
+        if recorded is not None and recorded[0] != backup_sum:
+            diff.backup_damaged = True
+        return diff
+
+    def _compare_backup_messages(
+        self, sid: str, redis_digests: dict[str, int], diff: SessionDiff
+    ) -> MessageChecksum:
+        """Count what differs between the backup's messages and Redis's; the backup's sum."""
         backup_sum = MessageChecksum()
         seen: set[str] = set()
         for row in self.pg.stream_message_rows([sid]):
@@ -219,9 +217,7 @@ class VerifyEngine(Engine[VerifyOptions]):
         for message_id in redis_digests.keys() - seen:
             diff.missing_from_backup += 1
             _example(diff, "missing_from_backup", message_id)
-        if recorded is not None and recorded[0] != backup_sum:
-            diff.backup_damaged = True
-        return diff
+        return backup_sum
 
     def _redis_messages(
         self, sid: str, diff: SessionDiff
@@ -234,7 +230,7 @@ class VerifyEngine(Engine[VerifyOptions]):
                     row, lossy = parse_message(sid, raw)
                 except RecordRejected:
                     diff.kept_aside += 1
-                    _example(diff, "kept_aside", _peek_id(raw))
+                    _example(diff, "kept_aside", peek_message_id(raw))
                     continue
                 if lossy:  # stored without its unknown keys, which were kept aside
                     diff.kept_aside += 1
@@ -249,6 +245,40 @@ class VerifyEngine(Engine[VerifyOptions]):
                 total.add(digest)
         diff.messages_in_redis = len(digests)
         return digests, total
+
+
+def _live_session(sid: str, probe: Probe, diff: SessionDiff) -> Session | None:
+    """The session as Redis holds it, if it can be read; why not is noted in ``diff``."""
+    if probe.fields:
+        try:
+            live, lossy = parse_session_hash(sid, probe.fields)
+        except RecordRejected as rejected:
+            diff.redis_unreadable = rejected.reason
+            return None
+        if lossy:  # fields with no column: kept aside by backups, not stored
+            diff.kept_aside += 1
+        return live
+    if probe.exists:  # listed, or messages left, but the hash itself is gone
+        diff.redis_unreadable = (
+            "listed in the sessions set but has no session hash"
+            if probe.listed
+            else f"has {probe.message_count} messages but no session hash"
+        )
+    return None
+
+
+def _matches_recorded(
+    recorded: tuple[MessageChecksum, bytes],
+    redis_sum: MessageChecksum | None,
+    live: Session | None,
+) -> bool:
+    """Whether Redis still holds what the last backup recorded (messages and session fields)."""
+    return (
+        redis_sum is not None
+        and redis_sum == recorded[0]
+        and live is not None
+        and session_digest(live) == recorded[1]
+    )
 
 
 def _differing_fields(live: Session, stored: Session) -> list[str]:
@@ -267,11 +297,3 @@ def _example(diff: SessionDiff, kind: str, message_id: str | None) -> None:
     listed = diff.examples.setdefault(kind, [])
     if len(listed) < EXAMPLES and message_id:
         listed.append(message_id)
-
-
-def _peek_id(raw: bytes) -> str | None:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return str(value["id"])[:100] if isinstance(value, dict) and "id" in value else None

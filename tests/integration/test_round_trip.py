@@ -44,13 +44,13 @@ TOOL_CALLS = [
 
 
 def _instant(text: str) -> datetime:
-    """An RFC 3339 timestamp as a UTC instant, nanoseconds rounded to the microsecond."""
+    """An RFC 3339 timestamp as a UTC instant, nanoseconds truncated to the microsecond."""
     match = re.fullmatch(r"(.{19})(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", text)
     assert match is not None, text
     base, fraction, offset = match.groups()
     nanos = int((fraction or "0").ljust(9, "0")[:9])
     when = datetime.fromisoformat(base + ("+00:00" if offset in (None, "Z") else offset))
-    return (when + timedelta(microseconds=(nanos + 500) // 1000)).astimezone(UTC)
+    return (when + timedelta(microseconds=nanos // 1000)).astimezone(UTC)
 
 
 def _json(text: str | bytes):
@@ -181,3 +181,41 @@ def test_restored_sessions_back_up_as_unchanged_data(services, redis_client, key
     assert again.kept_count == 0
     assert again.message_count == 0
     assert message_count(pg_conn) == 61
+
+
+# (created_at as a Go writer sends it, its truncated epoch milliseconds as the
+# application scores it). Rounding nanoseconds would carry each into the next
+# millisecond: .999999999 into the next second, .0009996 to .001.
+NANOSECOND_TIMES = [
+    ("2026-02-12T10:00:00.999999999+08:00", 1_770_861_600_999),
+    ("2026-02-12T10:00:05.000999600Z", 1_770_890_405_000),
+]
+
+
+def test_round_trip_keeps_the_score_of_a_nanosecond_timestamp(services, redis_client, keys):
+    sid = new_id()
+    write_session(redis_client, keys, session_fields(sid))
+    sent = {}
+    for index, (created_at, score) in enumerate(NANOSECOND_TIMES):
+        msg = message(sid, index)
+        msg["created_at"] = created_at
+        add_messages(redis_client, keys, sid, [json.dumps(msg).encode()], score=score)
+        sent[msg["id"]] = score
+    assert backup_run(services).status is RunStatus.COMPLETED
+    redis_client.delete(keys.session(sid), keys.messages(sid))
+    redis_client.srem(keys.sessions, sid)
+    assert redis_client.exists(keys.session(sid), keys.messages(sid)) == 0
+
+    restore = restore_run(services, session_id=sid)
+
+    assert restore.status is RunStatus.COMPLETED
+    restored = {
+        json.loads(member)["id"]: (json.loads(member)["created_at"], score)
+        for member, score in redis_client.zrange(keys.messages(sid), 0, -1, withscores=True)
+    }
+    assert {mid: score for mid, (_, score) in restored.items()} == sent
+    # The restored created_at is the truncated instant, in the same millisecond.
+    assert sorted(text for text, _ in restored.values()) == [
+        "2026-02-12T02:00:00.999999Z",
+        "2026-02-12T10:00:05.000999Z",
+    ]

@@ -64,7 +64,8 @@ def test_parse_session_hash_reads_required_fields_and_defaults():
         creator_id="user-42",
         mcp_server_url="http://mcp.example:8080/sse",
         websocket_key="ws-key-abc",
-        created_at=datetime(2026, 2, 12, 2, 0, 0, 123457, tzinfo=UTC),
+        # .123456789: nanoseconds truncated, not rounded (see test_timestamps.py).
+        created_at=datetime(2026, 2, 12, 2, 0, 0, 123456, tzinfo=UTC),
         updated_at=datetime(2026, 2, 12, 11, 30, tzinfo=UTC),
         max_players=None,
         settings=None,
