@@ -8,9 +8,11 @@ to check, and never a password.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -18,6 +20,7 @@ import redis
 import redis.exceptions
 
 from worker.errors import (
+    DndError,
     LockTimeout,
     SchemaNotReady,
     ServiceUnavailable,
@@ -26,6 +29,8 @@ from worker.errors import (
 from worker.settings import Settings, passwords_in, redact_url, secrets_of
 
 APPLICATION_NAME = "dnd-client-worker"
+
+_Class = TypeVar("_Class", bound=type)
 
 
 def postgres_kwargs(settings: Settings) -> dict[str, Any]:
@@ -88,36 +93,107 @@ def scrub(text: str, settings: Settings) -> str:
     return text
 
 
+def postgres_reason(exc: psycopg.Error, settings: Settings) -> str:
+    """What went wrong, in one line that holds no data.
+
+    Only the primary message: a psycopg error's str() also carries the DETAIL
+    (a unique violation's key, a not-null violation's whole row), the CONTEXT
+    (a COPY's line, a message's content among it) and the statement. Errors of
+    libpq itself (connecting, a dropped connection) have no primary message:
+    their first line, with passwords scrubbed.
+    """
+    primary = exc.diag.message_primary
+    if not primary:
+        lines = str(exc).strip().splitlines()
+        primary = lines[0] if lines else type(exc).__name__
+    return scrub(one_line(primary), settings)
+
+
+def postgres_error(exc: psycopg.Error, settings: Settings) -> DndError:
+    """Ours for a psycopg error (see postgres_reason for what its text may hold)."""
+    reason = postgres_reason(exc, settings)
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return LockTimeout(
+            "another backup or restore held the session lock longer than "
+            f"DATABASE_LOCK_TIMEOUT_MS ({settings.lock_timeout_ms} ms): {reason}"
+        )
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return StoreError(
+            "PostgreSQL cancelled a statement (DATABASE_STATEMENT_TIMEOUT_MS is "
+            f"{settings.statement_timeout_ms} ms): {reason}"
+        )
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        # No tables at all, or a migration this code needs is still pending.
+        return SchemaNotReady(
+            f"the database schema is missing or out of date; run `dnd-client migrate up` ({reason})"
+        )
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return ServiceUnavailable(
+            "PostgreSQL",
+            settings.database_url_setting,
+            f"{redact_url(settings.database_url)}: {reason}",
+        )
+    code = f" (SQLSTATE {exc.sqlstate})" if exc.sqlstate else ""
+    return StoreError(f"PostgreSQL: {reason}{code}")
+
+
 @contextlib.contextmanager
 def postgres_errors(settings: Settings) -> Iterator[None]:
     """Translate psycopg errors raised inside the block into ours."""
     try:
         yield
-    except psycopg.errors.LockNotAvailable as exc:
-        raise LockTimeout(
-            "another backup or restore held the session lock longer than "
-            f"DATABASE_LOCK_TIMEOUT_MS ({settings.lock_timeout_ms} ms): "
-            f"{scrub(one_line(str(exc)), settings)}"
-        ) from exc
-    except psycopg.errors.QueryCanceled as exc:
-        raise StoreError(
-            "PostgreSQL cancelled a statement (DATABASE_STATEMENT_TIMEOUT_MS is "
-            f"{settings.statement_timeout_ms} ms): {scrub(one_line(str(exc)), settings)}"
-        ) from exc
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-        # No tables at all, or a migration this code needs is still pending.
-        raise SchemaNotReady(
-            "the database schema is missing or out of date; run `dnd-client migrate up` "
-            f"({scrub(one_line(str(exc)), settings)})"
-        ) from exc
-    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-        raise ServiceUnavailable(
-            "PostgreSQL",
-            settings.database_url_setting,
-            f"{redact_url(settings.database_url)}: {scrub(one_line(str(exc)), settings)}",
-        ) from exc
     except psycopg.Error as exc:
-        raise StoreError(f"PostgreSQL: {scrub(one_line(str(exc)), settings)}") from exc
+        raise postgres_error(exc, settings) from exc
+
+
+def postgres_boundary(cls: _Class) -> _Class:
+    """Class decorator: the public methods of ``cls`` raise only our errors.
+
+    Every public function defined in the class is wrapped, so a method added
+    later is too, without anyone remembering to: plain methods; generator
+    methods, whose errors may come while the caller iterates (a COPY streaming
+    rows); and ``@contextlib.contextmanager`` methods, whose generator also
+    sees the errors of the caller's block (thrown in at its ``yield``).
+    Instances must have a ``settings`` attribute (the message names them).
+    """
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(member):
+            setattr(cls, name, _translating(member))
+    return cls
+
+
+# The code of every function @contextlib.contextmanager returns.
+_CONTEXT_MANAGER_CODE = contextlib.contextmanager(lambda: iter(())).__code__
+
+
+def _translating(method: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(method):
+        return _translating_generator(method)
+    inner = getattr(method, "__wrapped__", None)
+    if inspect.isgeneratorfunction(inner):
+        if method.__code__ is not _CONTEXT_MANAGER_CODE:
+            raise TypeError(f"{method.__qualname__}: cannot translate the errors of its decorator")
+        return functools.wraps(method)(contextlib.contextmanager(_translating_generator(inner)))
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except psycopg.Error as exc:
+            raise postgres_error(exc, self.settings) from exc
+
+    return call
+
+
+def _translating_generator(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    @functools.wraps(method)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            return (yield from method(self, *args, **kwargs))
+        except psycopg.Error as exc:
+            raise postgres_error(exc, self.settings) from exc
+
+    return generate
 
 
 @contextlib.contextmanager

@@ -176,6 +176,11 @@ class SessionResult:
             details=data.get("details"),
         )
 
+    @classmethod
+    def from_row(cls, *, status: str, **columns: Any) -> SessionResult:
+        """From a persistence_session_results row, by column name."""
+        return cls(status=SessionStatus(status), **columns)
+
 
 @dataclass(frozen=True, slots=True)
 class Run:
@@ -196,6 +201,11 @@ class Run:
     forced: bool = False
     expected_sessions: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, *, status: str, details: dict[str, Any] | None, **columns: Any) -> Run:
+        """From a persistence_snapshots row, by column name."""
+        return cls(status=RunStatus(status), details=details or {}, **columns)
 
     @property
     def done(self) -> bool:

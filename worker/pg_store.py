@@ -1,8 +1,9 @@
 """The PostgreSQL store: the only code that runs SQL.
 
 It takes one connection (autocommit; transactions are explicit) and speaks in
-the dataclasses of :mod:`worker.models`. Every psycopg error leaves it as one of
-:mod:`worker.errors` (see :func:`worker.connections.postgres_errors`).
+the dataclasses of :mod:`worker.models`, built from rows by column name (see
+:class:`Rows`). Every psycopg error leaves it as one of :mod:`worker.errors`:
+both classes are wrapped whole by :func:`worker.connections.postgres_boundary`.
 """
 
 from __future__ import annotations
@@ -11,31 +12,60 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 import psycopg.errors
+from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row, scalar_row
 
 from worker.checksums import MessageChecksum
-from worker.connections import one_line, postgres_errors
+from worker.connections import postgres_boundary, postgres_reason
 from worker.errors import MessageConflict, RunInProgress
 from worker.models import (
     KeptRecord,
     MessageRow,
     Run,
-    RunStatus,
     Session,
     SessionResult,
-    SessionStatus,
     Watermark,
 )
 from worker.settings import Settings
 from worker.sql import QUERIES
 
 PREVIEW_LIMIT = 2000
+
+R = TypeVar("R")
+Params = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rows(Generic[R]):
+    """A query whose rows become ``cls`` objects, built by column name.
+
+    The query names its columns after the fields of ``cls`` (aliases where a
+    column is cast); a column that needs converting goes through
+    ``cls.from_row`` when the class has one. tests/integration/test_row_names.py
+    checks every ``Rows`` of this module against its query.
+    """
+
+    query: str
+    cls: type[R]
+
+    def factory(self) -> RowFactory[R]:
+        from_row = getattr(self.cls, "from_row", None)
+        return class_row(self.cls) if from_row is None else kwargs_row(from_row)
+
+
+WATERMARKS = Rows("watermarks", Watermark)
+SESSIONS = Rows("sessions", Session)
+STARTED_RUN = Rows("start_run", Run)
+FINISHED_RUN = Rows("finish_run", Run)
+RUN = Rows("get_run", Run)
+RUNS = Rows("list_runs", Run)
+RUN_RESULTS = Rows("run_results", SessionResult)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +77,7 @@ class MergeOutcome:
     rejected: dict[str, str]
 
 
+@postgres_boundary
 class MessageCopy:
     """A COPY of message rows straight into client_messages.
 
@@ -59,8 +90,9 @@ class MessageCopy:
     connection; the next ``write`` starts a new one, in the same transaction.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
         self._conn = conn
+        self.settings = settings
         self._stack: contextlib.ExitStack | None = None
         self._copy: psycopg.Copy | None = None
         self.rows = 0
@@ -72,7 +104,7 @@ class MessageCopy:
             self._copy.write_row(row)
         except psycopg.errors.UniqueViolation as exc:
             self.abort(exc)
-            raise MessageConflict(one_line(str(exc))) from exc
+            raise self._conflict(exc) from exc
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -90,7 +122,12 @@ class MessageCopy:
             try:
                 stack.close()
             except psycopg.errors.UniqueViolation as exc:
-                raise MessageConflict(one_line(str(exc))) from exc
+                raise self._conflict(exc) from exc
+
+    def _conflict(self, exc: psycopg.errors.UniqueViolation) -> MessageConflict:
+        # The primary message only: the DETAIL names the message ID, and the
+        # CONTEXT quotes the COPY line.
+        return MessageConflict(f"PostgreSQL: {postgres_reason(exc, self.settings)}")
 
     def abort(self, exc: BaseException) -> None:
         """End the COPY in progress after an error, telling the server it failed."""
@@ -100,6 +137,7 @@ class MessageCopy:
                 stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
+@postgres_boundary
 class PostgresStore:
     def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
         self.conn = conn
@@ -108,14 +146,10 @@ class PostgresStore:
 
     # -- plumbing -----------------------------------------------------------
 
-    def errors(self) -> contextlib.AbstractContextManager[None]:
-        """Translate driver errors raised in the block (public for the engine's COPY loops)."""
-        return postgres_errors(self.settings)
-
     @contextlib.contextmanager
     def transaction(self, *, read_only: bool = False) -> Iterator[None]:
         try:
-            with postgres_errors(self.settings), self.conn.transaction():
+            with self.conn.transaction():
                 if read_only:
                     # Read committed, not repeatable read: that snapshot would be
                     # taken by the statement that waits for the session locks,
@@ -130,63 +164,54 @@ class PostgresStore:
             raise
 
     def ping(self) -> None:
-        with postgres_errors(self.settings):
-            self.conn.execute("SELECT 1")
+        self.conn.execute("SELECT 1")
+
+    def _fetch(self, rows: Rows[R], params: Params) -> list[R]:
+        return self._rows(rows.query, params, rows.factory())
+
+    def _fetch_one(self, rows: Rows[R], params: Params) -> R | None:
+        found = self._fetch(rows, params)
+        return found[0] if found else None
+
+    def _rows(self, query: str, params: Params, row_factory: RowFactory[R]) -> list[R]:
+        with self.conn.cursor(row_factory=row_factory) as cur:
+            return cur.execute(QUERIES[query], params).fetchall()
+
+    def _execute(self, query: str, params: Params) -> None:
+        self.conn.execute(QUERIES[query], params)
+
+    def _execute_many(self, query: str, params: Sequence[Mapping[str, Any]]) -> None:
+        if params:
+            with self.conn.cursor() as cur:
+                cur.executemany(QUERIES[query], params)
 
     # -- backup -------------------------------------------------------------
 
     def lock_sessions(self, session_ids: Sequence[str]) -> None:
         """Take the per-session locks for the current transaction (see queries.sql)."""
-        with postgres_errors(self.settings):
-            self.conn.execute(QUERIES["lock_sessions"], {"ids": list(session_ids)})
+        self._execute("lock_sessions", {"ids": list(session_ids)})
 
     def prefer_indexes(self) -> None:
         """For the current transaction: look rows up by index (see queries.sql)."""
-        with postgres_errors(self.settings):
-            self.conn.execute(QUERIES["prefer_indexes"])
+        self._execute("prefer_indexes", None)
 
     def watermarks(self, session_ids: Sequence[str]) -> dict[str, Watermark]:
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["watermarks"], {"ids": list(session_ids)}).fetchall()
-        return {
-            row[0]: Watermark(
-                session_id=row[0], hash_digest=row[1], message_count=row[2], max_score=row[3]
-            )
-            for row in rows
-        }
+        marks = self._fetch(WATERMARKS, {"ids": list(session_ids)})
+        return {mark.session_id: mark for mark in marks}
 
     def upsert_sessions(self, sessions: Sequence[Session]) -> None:
-        if not sessions:
-            return
-        params = [
-            {
-                "id": s.id,
-                "created_at": s.created_at,
-                "updated_at": s.updated_at,
-                "deleted_at": s.deleted_at,
-                "name": s.name,
-                "creator_id": s.creator_id,
-                "mcp_server_url": s.mcp_server_url,
-                "websocket_key": s.websocket_key,
-                "max_players": s.max_players,
-                "settings": s.settings,
-                "status": s.status,
-            }
-            for s in sessions
-        ]
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.executemany(QUERIES["upsert_session"], params)
+        # The query's parameters are named after Session's fields.
+        self._execute_many("upsert_session", [_params(s) for s in sessions])
 
     def message_copy(self) -> MessageCopy:
-        return MessageCopy(self.conn)
+        return MessageCopy(self.conn, self.settings)
 
     def begin_merge(self) -> None:
         """Prepare to merge one session's messages (call once per session)."""
-        with postgres_errors(self.settings):
-            if not self._merge_tables_ready:
-                self.conn.execute(QUERIES["create_merge_tables"])
-                self._merge_tables_ready = True
-            self.conn.execute(QUERIES["reset_merge_seen"])
+        if not self._merge_tables_ready:
+            self._execute("create_merge_tables", None)
+            self._merge_tables_ready = True
+        self._execute("reset_merge_seen", None)
 
     def merge_chunk(self, rows: Sequence[MessageRow]) -> MergeOutcome:
         """Merge rows of one session: insert new, update edited, reject conflicts.
@@ -198,41 +223,26 @@ class PostgresStore:
         """
         if not rows:
             return MergeOutcome(0, {})
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
+        with self.conn.cursor(row_factory=dict_row) as cur:
             with cur.copy(QUERIES["copy_merge_staging"]) as copy:
                 for row in rows:
                     copy.write_row(row)
-            rejected = dict(cur.execute(QUERIES["merge_rejects"]).fetchall())
+            rejected = _rejects(cur.execute(QUERIES["merge_rejects"]))
             if rejected:
                 cur.execute(QUERIES["drop_merge_rejects"], {"ids": list(rejected)})
             cur.execute(QUERIES["merge_messages"])
             stored = cur.rowcount
             # Another session's backup may have committed one of these IDs after
             # merge_rejects looked; ON CONFLICT then skipped the row: reject it too.
-            rejected.update(cur.execute(QUERIES["merge_late_rejects"]).fetchall())
+            rejected.update(_rejects(cur.execute(QUERIES["merge_late_rejects"])))
             cur.execute(QUERIES["clear_merge_staging"])
         return MergeOutcome(stored, rejected)
 
     def save_watermarks(self, watermarks: Sequence[Watermark], run_id: str | None) -> None:
-        if not watermarks:
-            return
-        params = [
-            {
-                "session_id": w.session_id,
-                "hash_digest": w.hash_digest,
-                "message_count": w.message_count,
-                "max_score": w.max_score,
-                "snapshot_id": run_id,
-            }
-            for w in watermarks
-        ]
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.executemany(QUERIES["save_watermark"], params)
+        self._execute_many("save_watermark", [_params(w, snapshot_id=run_id) for w in watermarks])
 
     def keep_records(self, records: Sequence[KeptRecord], run_id: str | None) -> None:
         """Store bad records (upserted: a record seen again updates its row)."""
-        if not records:
-            return
         params = [
             {
                 "kind": r.kind,
@@ -247,32 +257,21 @@ class PostgresStore:
             }
             for r in _unique_records(records)
         ]
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.executemany(QUERIES["keep_record"], params)
+        self._execute_many("keep_record", params)
 
     def kept_records(
         self, *, limit: int = 50, include_resolved: bool = False, run_id: str | None = None
     ) -> list[dict[str, Any]]:
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.execute(
-                QUERIES["list_kept_records"],
-                {"limit": limit, "include_resolved": include_resolved, "snapshot_id": run_id},
-            )
-            columns = [c.name for c in cur.description or ()]
-            return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+        params = {"limit": limit, "include_resolved": include_resolved, "snapshot_id": run_id}
+        return self._rows("list_kept_records", params, dict_row)
 
     def kept_record(self, record_id: int) -> dict[str, Any] | None:
         """One kept record, with its raw bytes."""
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.execute(QUERIES["get_kept_record"], {"id": record_id})
-            row = cur.fetchone()
-            if row is None:
-                return None
-            columns = [c.name for c in cur.description or ()]
-            return dict(zip(columns, row, strict=True))
+        found = self._rows("get_kept_record", {"id": record_id}, dict_row)
+        return found[0] if found else None
 
     def resolve_kept_records(self, ids: Sequence[int]) -> int:
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
+        with self.conn.cursor() as cur:
             cur.execute(QUERIES["resolve_kept_records"], {"ids": list(ids)})
             return cur.rowcount
 
@@ -280,17 +279,18 @@ class PostgresStore:
 
     def checksums(self, session_ids: Sequence[str]) -> dict[str, tuple[MessageChecksum, bytes]]:
         """Recorded checksums: session ID -> (message checksum, session digest)."""
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["checksums"], {"ids": list(session_ids)})
-            return {
-                row[0]: (MessageChecksum.from_stored(row[1], row[2]), bytes(row[3])) for row in rows
-            }
+        rows = self._rows("checksums", {"ids": list(session_ids)}, dict_row)
+        return {
+            row["session_id"]: (
+                MessageChecksum.from_stored(row["message_count"], row["messages_digest"]),
+                bytes(row["session_digest"]),
+            )
+            for row in rows
+        }
 
     def save_checksums(
         self, checksums: Sequence[tuple[str, MessageChecksum, bytes]], run_id: str | None
     ) -> None:
-        if not checksums:
-            return
         params = [
             {
                 "session_id": sid,
@@ -301,13 +301,11 @@ class PostgresStore:
             }
             for sid, messages, digest in checksums
         ]
-        with postgres_errors(self.settings), self.conn.cursor() as cur:
-            cur.executemany(QUERIES["save_checksum"], params)
+        self._execute_many("save_checksum", params)
 
     def stream_message_rows(self, session_ids: Sequence[str]) -> Iterator[MessageRow]:
         """Every stored message of the sessions, as rows (COPY: flat memory, no order)."""
         with (
-            postgres_errors(self.settings),
             self.conn.cursor() as cur,
             cur.copy(QUERIES["message_rows"], {"ids": list(session_ids)}) as copy,
         ):
@@ -317,36 +315,29 @@ class PostgresStore:
     # -- restore ------------------------------------------------------------
 
     def sessions(self, session_ids: Sequence[str]) -> dict[str, Session]:
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["sessions"], {"ids": list(session_ids)}).fetchall()
-        # The query selects the columns in the order of Session's fields.
-        return {row[0]: Session(*row) for row in rows}
+        found = self._fetch(SESSIONS, {"ids": list(session_ids)})
+        return {session.id: session for session in found}
 
     def live_session_ids(self, page_size: int = 5000) -> Iterator[list[str]]:
         """IDs of the sessions a restore may bring back, in pages, in ID order."""
         after: str | None = None
         while True:
-            with postgres_errors(self.settings):
-                rows = self.conn.execute(
-                    QUERIES["live_session_ids_page"], {"after": after, "limit": page_size}
-                ).fetchall()
-            if not rows:
+            page: list[str] = self._rows(
+                "live_session_ids_page", {"after": after, "limit": page_size}, scalar_row
+            )
+            if not page:
                 return
-            page = [row[0] for row in rows]
             yield page
             after = page[-1]
 
     def count_soft_deleted(self) -> int:
         """Sessions in PostgreSQL that are soft-deleted (restores never bring them back)."""
-        with postgres_errors(self.settings):
-            row = self.conn.execute(QUERIES["count_soft_deleted"]).fetchone()
-        assert row is not None
-        return int(row[0])
+        [count] = self._rows("count_soft_deleted", None, scalar_row)
+        return int(count)
 
     def message_counts(self, session_ids: Sequence[str]) -> dict[str, int]:
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["message_counts"], {"ids": list(session_ids)})
-            return {row[0]: int(row[1]) for row in rows}
+        rows = self._rows("message_counts", {"ids": list(session_ids)}, dict_row)
+        return {row["session_id"]: int(row["messages"]) for row in rows}
 
     def stream_members(self, session_ids: Sequence[str]) -> Iterator[tuple[str, bytes, int]]:
         """(session ID, zset member, score) for every message of the sessions.
@@ -355,7 +346,6 @@ class PostgresStore:
         order is not defined (grouping would cost PostgreSQL a sort).
         """
         with (
-            postgres_errors(self.settings),
             self.conn.cursor() as cur,
             cur.copy(QUERIES["restore_members"], {"ids": list(session_ids)}) as copy,
         ):
@@ -412,34 +402,23 @@ class PostgresStore:
             "kept_count": kept,
             "details": json.dumps(details or {}),
         }
-        with postgres_errors(self.settings):
-            try:
-                row = self.conn.execute(QUERIES["start_run"], params).fetchone()
-            except psycopg.errors.UniqueViolation:
-                running = self.conn.execute(QUERIES["running_full_run"], {"kind": kind}).fetchone()
-                raise RunInProgress(kind, running[0] if running else "?") from None
-        if row is not None:
-            return _run(row), True
+        try:
+            run = self._fetch_one(STARTED_RUN, params)
+        except psycopg.errors.UniqueViolation:
+            running = self._rows("running_full_run", {"kind": kind}, scalar_row)
+            raise RunInProgress(kind, running[0] if running else "?") from None
+        if run is not None:
+            return run, True
         existing = self.get_run(run_id)
         assert existing is not None
         return existing, False
 
     def mark_run_dispatched(self, run_id: str) -> None:
-        with postgres_errors(self.settings):
-            self.conn.execute(QUERIES["mark_run_dispatched"], {"id": run_id})
+        self._execute("mark_run_dispatched", {"id": run_id})
 
     def stale_runs(self, seconds: int) -> list[str]:
         """Running runs with no sign of life for ``seconds``."""
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["stale_runs"], {"seconds": seconds}).fetchall()
-        return [row[0] for row in rows]
-
-    def set_run_expected(self, run_id: str, expected_sessions: int, kept: int = 0) -> None:
-        with postgres_errors(self.settings):
-            self.conn.execute(
-                QUERIES["set_run_expected"],
-                {"id": run_id, "expected_sessions": expected_sessions, "kept": kept},
-            )
+        return self._rows("stale_runs", {"seconds": seconds}, scalar_row)
 
     def record_results(self, run_id: str, results: Sequence[SessionResult]) -> None:
         if not results:
@@ -457,58 +436,29 @@ class PostgresStore:
             "finished": [r.finished_at for r in results],
             "details": [None if r.details is None else json.dumps(r.details) for r in results],
         }
-        with postgres_errors(self.settings):
-            self.conn.execute(QUERIES["record_results"], params)
+        self._execute("record_results", params)
 
     def finish_run(self, run_id: str, error: str | None = None) -> Run:
         """Complete a running run from its results; a finished run is returned as is."""
-        with postgres_errors(self.settings):
-            row = self.conn.execute(
-                QUERIES["finish_run"],
-                {"id": run_id, "error": None if error is None else _safe_text(error)},
-            ).fetchone()
-        if row is not None:
-            return _run(row)
-        run = self.get_run(run_id)
+        params = {"id": run_id, "error": None if error is None else _safe_text(error)}
+        run = self._fetch_one(FINISHED_RUN, params) or self.get_run(run_id)
         if run is None:
             raise LookupError(f"no run {run_id}")
         return run
 
     def get_run(self, run_id: str) -> Run | None:
-        with postgres_errors(self.settings):
-            row = self.conn.execute(QUERIES["get_run"], {"id": run_id}).fetchone()
-        return None if row is None else _run(row)
+        return self._fetch_one(RUN, {"id": run_id})
 
     def list_runs(self, *, limit: int = 20, kind: str | None = None) -> list[Run]:
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["list_runs"], {"limit": limit, "kind": kind})
-            return [_run(row) for row in rows]
+        return self._fetch(RUNS, {"limit": limit, "kind": kind})
 
     def run_progress(self, run_id: str) -> tuple[int, int, int, int]:
         """(sessions reported, messages, kept, failed) of a run so far."""
-        with postgres_errors(self.settings):
-            row = self.conn.execute(QUERIES["run_progress"], {"id": run_id}).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+        [row] = self._rows("run_progress", {"id": run_id}, dict_row)
+        return int(row["sessions"]), int(row["messages"]), int(row["kept"]), int(row["failed"])
 
     def run_results(self, run_id: str) -> list[SessionResult]:
-        with postgres_errors(self.settings):
-            rows = self.conn.execute(QUERIES["run_results"], {"id": run_id}).fetchall()
-        return [
-            SessionResult(
-                session_id=row[0],
-                status=SessionStatus(row[1]),
-                messages=row[2],
-                kept=row[3],
-                duration_ms=row[4],
-                error=row[5],
-                shard=row[6],
-                worker=row[7],
-                finished_at=row[8],
-                details=row[9],
-            )
-            for row in rows
-        ]
+        return self._fetch(RUN_RESULTS, {"id": run_id})
 
     def prune(
         self, *, keep: int | None, before: datetime | None, dry_run: bool = False
@@ -519,37 +469,26 @@ class PostgresStore:
         params = {"keep": keep, "before": before}
         # A dry run does it all and rolls back: the counts are exactly what
         # a real run would remove at this moment.
-        with postgres_errors(self.settings), self.conn.transaction(force_rollback=dry_run):
-            row = self.conn.execute(QUERIES["prune_runs"], params).fetchone()
-            assert row is not None
+        with self.conn.transaction(force_rollback=dry_run):
+            [runs] = self._rows("prune_runs", params, dict_row)
             with self.conn.cursor() as cur:
                 cur.execute(QUERIES["prune_resolved_kept"], params)
                 kept = cur.rowcount
             return {
-                "runs": int(row[0]),
-                "session_results": int(row[1]),
+                "runs": int(runs["runs"]),
+                "session_results": int(runs["session_results"]),
                 "resolved_kept_records": kept,
             }
 
 
-def _run(row: Sequence[Any]) -> Run:
-    return Run(
-        id=row[0],
-        kind=row[1],
-        scope=row[2],
-        status=RunStatus(row[3]),
-        created_at=row[4],
-        finished_at=row[5],
-        session_count=row[6],
-        message_count=row[7],
-        kept_count=row[8],
-        failed_count=row[9],
-        duration_ms=row[10],
-        error=row[11],
-        forced=row[12],
-        expected_sessions=row[13],
-        details=row[14] or {},
-    )
+def _params(row: Any, **extra: Any) -> dict[str, Any]:
+    """A dataclass's fields as query parameters of the same names, plus ``extra``."""
+    return {**{f.name: getattr(row, f.name) for f in fields(row)}, **extra}
+
+
+def _rejects(cur: psycopg.Cursor[dict[str, Any]]) -> dict[str, str]:
+    """Rejected rows of the merge path: message ID -> why (see MergeOutcome)."""
+    return {row["message_id"]: row["reason"] for row in cur}
 
 
 def preview(raw: bytes) -> str:

@@ -9,7 +9,6 @@ the old session or the new one, never half of either.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -112,10 +111,6 @@ class RedisStore:
         self.keys = keys
         self._url = url
         self._commit = client.register_script(_COMMIT_SESSION)
-
-    def errors(self) -> contextlib.AbstractContextManager[None]:
-        """Translate driver errors raised in the block (for callers' own loops)."""
-        return redis_errors(self._url)
 
     def ping(self) -> None:
         with redis_errors(self._url):

@@ -20,7 +20,9 @@ ORDER BY key;
 SET LOCAL enable_seqscan = off;
 
 -- name: watermarks
-SELECT session_id::text, hash_digest, message_count, max_score
+-- Rows by name: every query read into a dataclass (see pg_store.Rows) names its
+-- columns after the fields, with an alias wherever a column is cast.
+SELECT session_id::text AS session_id, hash_digest, message_count, max_score
 FROM backup_watermarks
 WHERE session_id = ANY(%(ids)s::uuid[]);
 
@@ -81,8 +83,8 @@ WITH fresh AS (
     ON CONFLICT DO NOTHING
     RETURNING id
 )
-SELECT s.id::text,
-       CASE WHEN f.id IS NULL THEN 'duplicate' ELSE m.session_id::text END
+SELECT s.id::text AS message_id,
+       CASE WHEN f.id IS NULL THEN 'duplicate' ELSE m.session_id::text END AS reason
 FROM merge_staging s
 LEFT JOIN fresh f ON f.id = s.id
 LEFT JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id
@@ -114,7 +116,7 @@ WHERE client_messages.session_id = EXCLUDED.session_id
 -- Rows merge_messages skipped: their ID was committed for another session by a
 -- concurrent backup after merge_rejects looked (the INSERT waited for it, then
 -- its ON CONFLICT ... WHERE left the other session's row alone).
-SELECT s.id::text, m.session_id::text
+SELECT s.id::text AS message_id, m.session_id::text AS reason
 FROM merge_staging s
 JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id;
 
@@ -150,8 +152,8 @@ ON CONFLICT (redis_key, raw_sha256) DO UPDATE SET
 
 -- name: list_kept_records
 SELECT id, kind, redis_key, session_id, message_id, score, reason, preview,
-       first_snapshot_id::text, last_snapshot_id::text, first_seen_at, last_seen_at,
-       times_seen, resolved_at
+       first_snapshot_id::text AS first_snapshot_id, last_snapshot_id::text AS last_snapshot_id,
+       first_seen_at, last_seen_at, times_seen, resolved_at
 FROM persistence_kept_records
 WHERE (%(include_resolved)s OR resolved_at IS NULL)
   AND (%(snapshot_id)s::uuid IS NULL OR last_snapshot_id = %(snapshot_id)s::uuid)
@@ -163,20 +165,20 @@ UPDATE persistence_kept_records SET resolved_at = now()
 WHERE id = ANY(%(ids)s::bigint[]) AND resolved_at IS NULL;
 
 -- name: sessions
-SELECT id::text, name, creator_id, mcp_server_url, websocket_key, created_at, updated_at,
-       max_players, settings::text, status, deleted_at
+SELECT id::text AS id, name, creator_id, mcp_server_url, websocket_key, created_at, updated_at,
+       max_players, settings::text AS settings, status, deleted_at
 FROM client_sessions
 WHERE id = ANY(%(ids)s::uuid[]);
 
 -- name: live_session_ids_page
 -- Keyset pagination over the sessions a restore may bring back.
-SELECT id::text FROM client_sessions
+SELECT id::text AS id FROM client_sessions
 WHERE deleted_at IS NULL AND (%(after)s::uuid IS NULL OR id > %(after)s::uuid)
 ORDER BY id
 LIMIT %(limit)s;
 
 -- name: count_soft_deleted
-SELECT count(*) FROM client_sessions WHERE deleted_at IS NOT NULL;
+SELECT count(*) AS sessions FROM client_sessions WHERE deleted_at IS NOT NULL;
 
 -- name: restore_members
 -- Messages as the zset members a restore writes: compact JSON in the
@@ -202,7 +204,7 @@ COPY (
 ) TO STDOUT (FORMAT BINARY);
 
 -- name: message_counts
-SELECT session_id::text, count(*) FROM client_messages
+SELECT session_id::text AS session_id, count(*) AS messages FROM client_messages
 WHERE session_id = ANY(%(ids)s::uuid[])
 GROUP BY session_id;
 
@@ -212,14 +214,9 @@ VALUES (%(id)s, %(kind)s, %(scope)s, %(forced)s, %(expected_sessions)s, %(kept_c
         %(details)s::jsonb)
 -- A retried task starts "its" run again: the run is already there, keep it.
 ON CONFLICT (id) DO NOTHING
-RETURNING id::text, kind, scope, status, created_at, finished_at, session_count,
+RETURNING id::text AS id, kind, scope, status, created_at, finished_at, session_count,
           message_count, kept_count, failed_count, duration_ms, error, forced,
           expected_sessions, details;
-
--- name: set_run_expected
-UPDATE persistence_snapshots
-SET expected_sessions = %(expected_sessions)s, kept_count = kept_count + %(kept)s
-WHERE id = %(id)s AND status = 'running';
 
 -- name: record_results
 INSERT INTO persistence_session_results (
@@ -290,18 +287,18 @@ UPDATE persistence_snapshots AS s SET
     END
 FROM totals AS t
 WHERE s.id = %(id)s AND s.status = 'running'
-RETURNING s.id::text, s.kind, s.scope, s.status, s.created_at, s.finished_at, s.session_count,
-          s.message_count, s.kept_count, s.failed_count, s.duration_ms, s.error, s.forced,
-          s.expected_sessions, s.details;
+RETURNING s.id::text AS id, s.kind, s.scope, s.status, s.created_at, s.finished_at,
+          s.session_count, s.message_count, s.kept_count, s.failed_count, s.duration_ms,
+          s.error, s.forced, s.expected_sessions, s.details;
 
 -- name: get_run
-SELECT id::text, kind, scope, status, created_at, finished_at, session_count, message_count,
+SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
        kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
 FROM persistence_snapshots
 WHERE id = %(id)s;
 
 -- name: list_runs
-SELECT id::text, kind, scope, status, created_at, finished_at, session_count, message_count,
+SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
        kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
 FROM persistence_snapshots
 WHERE (%(kind)s::text IS NULL OR kind = %(kind)s::text)
@@ -310,33 +307,33 @@ LIMIT %(limit)s;
 
 -- name: run_progress
 -- What a waiting CLI shows: how many sessions of the run have reported so far.
-SELECT count(*), coalesce(sum(messages), 0), coalesce(sum(kept), 0),
-       count(*) FILTER (WHERE status = 'failed')
+SELECT count(*) AS sessions, coalesce(sum(messages), 0) AS messages,
+       coalesce(sum(kept), 0) AS kept, count(*) FILTER (WHERE status = 'failed') AS failed
 FROM persistence_session_results
 WHERE snapshot_id = %(id)s;
 
 -- name: run_results
-SELECT session_id::text, status, messages, kept, duration_ms, error, shard, worker, finished_at,
-       details
+SELECT session_id::text AS session_id, status, messages, kept, duration_ms, error, shard, worker,
+       finished_at, details
 FROM persistence_session_results
 WHERE snapshot_id = %(id)s
 ORDER BY finished_at, session_id;
 
 -- name: get_kept_record
 SELECT id, kind, redis_key, session_id, message_id, score, reason, raw, preview,
-       first_snapshot_id::text, last_snapshot_id::text, first_seen_at, last_seen_at,
-       times_seen, resolved_at
+       first_snapshot_id::text AS first_snapshot_id, last_snapshot_id::text AS last_snapshot_id,
+       first_seen_at, last_seen_at, times_seen, resolved_at
 FROM persistence_kept_records
 WHERE id = %(id)s;
 
 -- name: running_full_run
-SELECT id::text FROM persistence_snapshots
+SELECT id::text AS id FROM persistence_snapshots
 WHERE kind = %(kind)s AND scope = 'all' AND status = 'running';
 
 -- name: stale_runs
 -- Runs still `running` with no sign of life (no per-session result, and not
 -- started) for longer than the given number of seconds.
-SELECT s.id::text
+SELECT s.id::text AS id
 FROM persistence_snapshots s
 WHERE s.status = 'running'
   AND greatest(s.created_at,
@@ -350,7 +347,7 @@ SET details = details || jsonb_build_object('dispatched', true)
 WHERE id = %(id)s;
 
 -- name: checksums
-SELECT session_id::text, message_count, messages_digest, session_digest
+SELECT session_id::text AS session_id, message_count, messages_digest, session_digest
 FROM backup_checksums
 WHERE session_id = ANY(%(ids)s::uuid[]);
 
@@ -397,7 +394,7 @@ results AS (
 deleted AS (
     DELETE FROM persistence_snapshots s USING doomed d WHERE s.id = d.id RETURNING s.id
 )
-SELECT (SELECT count(*) FROM deleted), (SELECT n FROM results);
+SELECT (SELECT count(*) FROM deleted) AS runs, (SELECT n FROM results) AS session_results;
 
 -- name: prune_resolved_kept
 -- Kept-aside records go only once marked resolved, and once the run that last
