@@ -16,7 +16,8 @@ from worker.celery_config import build_config
 from worker.settings import get_settings
 
 # `celery -A worker flower` imports this module before Flower opens its port:
-# refuse to serve Flower without authentication (see worker/flower_guard.py).
+# refuse to serve Flower without authentication (see worker/flower_guard.py,
+# a bottom module: importing it here runs no import upward).
 flower_guard.check()
 
 app = Celery("worker", include=["worker.tasks"])

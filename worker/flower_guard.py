@@ -17,6 +17,14 @@ starts Flower open to anyone who can reach its port (dangerous; a laptop only).
 
 This module reads ``os.environ`` itself (worker.settings owns the app's settings;
 these are Flower's own variables, read by Flower too).
+
+Its place in the layers (tests/unit/test_layers.py): a bottom module, importing
+only the standard library, click and worker.exit_codes. The app layer
+(worker.celery) imports it and calls :func:`check` at import: Celery imports the
+app named by ``-A`` before it runs the ``flower`` subcommand, so that import is
+the first of our code to run and comes before Flower opens its port. The dev
+stack (worker.devstack) uses :func:`auth_problem` to check the credentials it
+hands to Flower.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import click
 
-from worker.cli.exit_codes import CONFIG
+from worker.exit_codes import CONFIG
 
 ALLOW_VARIABLE = "FLOWER_ALLOW_NO_AUTH"
 AUTH_VARIABLES = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_AUTH_PROVIDER")

@@ -1,4 +1,4 @@
-"""Key names of the application's Redis layout (CONTRACT §1), in one place.
+"""Key names of the application's Redis layout (docs/contract.md §1), in one place.
 
 Every key we read or write is built here. A session ID must already have been
 validated as a canonical UUID (:func:`worker.records.parse_session_id`) before

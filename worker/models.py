@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal, Self, get_args
 
 # Column order of a message row, used by COPY in and out of client_messages.
 MESSAGE_COLUMNS = ("id", "session_id", "created_at", "role", "content", "tool_calls", "player_id")
-ROLES = ("system", "user", "assistant", "tool")
 
 # (id, session_id, created_at, role, content, tool_calls as JSON text, player_id)
 MessageRow = tuple[str, str, datetime, str, str | None, str | None, str | None]
@@ -154,7 +153,7 @@ class SessionResult:
     details: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (the Celery task result of CONTRACT §3)."""
+        """A JSON-able dict (the Celery task result of docs/contract.md §3)."""
         data = asdict(self)
         data["status"] = self.status.value
         data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None

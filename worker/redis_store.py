@@ -1,4 +1,4 @@
-"""The Redis store: the application's data, in the layout of CONTRACT §1.
+"""The Redis store: the application's data, in the layout of docs/contract.md §1.
 
 It takes a client (``decode_responses=False``: members are kept as the exact
 bytes the application wrote) and the key names, and speaks in bytes, floats and

@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -266,6 +266,46 @@ class Service:
         self._log.close()
 
 
+def _compose_redis_db(value: str) -> str | None:
+    """The database (URL path) of a URL to compose's `redis` service; None for any other value."""
+    parts = urlsplit(value) if "://" in value else None
+    return parts.path if parts and parts.hostname == "redis" else None
+
+
+def _as_here(key: str, value: str, pg: SplitResult, test_redis: SplitResult, tmp: Path) -> str:
+    """One value of a compose service's environment, pointed at this test's servers and files."""
+    if _compose_redis_db(value) is not None:
+        return urlunsplit(
+            urlsplit(value)._replace(scheme=test_redis.scheme, netloc=test_redis.netloc)
+        )
+    if key == "POSTGRES_HOST":
+        assert value == "postgres:5432"
+        return f"{pg.hostname}:{pg.port or 5432}"
+    postgres = {
+        "POSTGRES_USER": pg.username or "postgres",
+        "POSTGRES_PASSWORD": pg.password or "",
+        "POSTGRES_DBNAME": pg.path.lstrip("/"),
+    }
+    if key in postgres:
+        return postgres[key]
+    if value.startswith("/var/lib/dnd-client/"):
+        return str(tmp / value.rsplit("/", 1)[1])
+    return value
+
+
+def _base_env() -> dict[str, str]:
+    """What the image's environment has before compose adds the service's own."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    # As in the image, where pip put the console scripts on PATH.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}"
+    return env
+
+
 @pytest.fixture
 def native(services, celery_env, redis_server_url, tmp_path) -> Iterator[Callable[..., Any]]:
     """native(service, database_url) -> (argv, env): a compose service as run here."""
@@ -274,34 +314,11 @@ def native(services, celery_env, redis_server_url, tmp_path) -> Iterator[Callabl
 
     def build(name: str, database_url: str, port: int | None = None) -> tuple[list[str], dict]:
         service = services[name]
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
-        }
-        env["PYTHONUNBUFFERED"] = "1"
-        # As in the image, where pip put the console scripts on PATH.
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}"
+        env = _base_env()
         pg = urlsplit(database_url)
         for key, value in compose.environment(service).items():
-            parts = urlsplit(value) if "://" in value else None
-            if parts and parts.hostname == "redis":
-                used_dbs.add(parts.path)
-                value = urlunsplit(
-                    parts._replace(scheme=test_redis.scheme, netloc=test_redis.netloc)
-                )
-            elif key == "POSTGRES_HOST":
-                assert value == "postgres:5432"
-                value = f"{pg.hostname}:{pg.port or 5432}"
-            elif key == "POSTGRES_USER":
-                value = pg.username or "postgres"
-            elif key == "POSTGRES_PASSWORD":
-                value = pg.password or ""
-            elif key == "POSTGRES_DBNAME":
-                value = pg.path.lstrip("/")
-            elif value.startswith("/var/lib/dnd-client/"):
-                value = str(tmp_path / value.rsplit("/", 1)[1])
-            env[key] = value
+            used_dbs.update(filter(None, [_compose_redis_db(value)]))
+            env[key] = _as_here(key, value, pg, test_redis, tmp_path)
         assert "DATABASE_URL" not in env  # compose configures PostgreSQL by POSTGRES_*
         for key in ("CELERY_QUEUE_PREFIX", "CELERY_KEY_PREFIX", "REDIS_KEY_PREFIX"):
             env[key] = celery_env[key]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from worker import flower_guard
-from worker.cli.exit_codes import CONFIG
+from worker.exit_codes import CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 CELERY = str(Path(sys.executable).parent / "celery")

@@ -1,4 +1,4 @@
-"""worker.keys: the application's Redis key names (CONTRACT §1)."""
+"""worker.keys: the application's Redis key names (docs/contract.md §1)."""
 
 import dataclasses
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.cli.output import (
     Output,
     ProgressBar,
@@ -187,7 +187,7 @@ def test_partial_and_failed_runs_exit_non_zero_and_differently():
     assert partial != 0
     assert failed != 0
     assert partial != failed
-    assert exit_codes.USAGE == 2  # CONTRACT §4: a bad argument exits 2
+    assert exit_codes.USAGE == 2  # docs/contract.md §4: a bad argument exits 2
     assert 2 not in (partial, failed)
 
 

@@ -1,4 +1,4 @@
-"""worker.sharding: which shard and queue a session goes to."""
+"""worker.sharding: which shard a session goes to; worker.celery_config: its queue."""
 
 import random
 import uuid
@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
-from worker.sharding import all_queues, queue_name, shard_of
+from worker.celery_config import all_queues, default_queue, shard_queue
+from worker.settings import Settings
+from worker.sharding import shard_of
 
 # Computed once from the current algorithm. A change of algorithm would send
 # sessions to other shards than running workers and earlier runs expect.
@@ -79,24 +81,32 @@ def test_shard_of_rejects_an_id_that_is_not_a_uuid():
 
 
 def test_queue_names_are_distinct_per_shard():
-    assert queue_name(0) != queue_name(1)
-    assert queue_name(3) == queue_name(3)
-    assert len({queue_name(n) for n in range(1024)}) == 1024
+    settings = Settings()
+    assert shard_queue(settings, 0) != shard_queue(settings, 1)
+    assert len({shard_queue(settings, n) for n in range(1024)}) == 1024
+    assert default_queue(settings) not in {shard_queue(settings, n) for n in range(1024)}
 
 
-def test_queue_name_is_the_documented_shard_queue():
+def test_queue_names_follow_the_queue_prefix():
     # Workers are started with -Q on these names.
-    assert queue_name(0) == "dnd.shard.0"
-    assert queue_name(15) == "dnd.shard.15"
+    assert shard_queue(Settings(), 0) == "dnd.shard.0"
+    assert default_queue(Settings()) == "dnd.default"
+    settings = Settings.from_env({"CELERY_QUEUE_PREFIX": "t7."})
+    assert shard_queue(settings, 15) == "t7.shard.15"
+    assert default_queue(settings) == "t7.default"
 
 
-def test_all_queues_lists_one_queue_per_shard_in_order():
-    assert all_queues(4) == [queue_name(0), queue_name(1), queue_name(2), queue_name(3)]
-    assert len(set(all_queues(64))) == 64
-    assert all_queues(1) == [queue_name(0)]
+def test_all_queues_lists_the_default_queue_then_one_queue_per_shard_in_order():
+    settings = Settings.from_env({"BACKUP_SHARDS": "4"})
+    assert all_queues(settings) == [
+        default_queue(settings),
+        *(shard_queue(settings, n) for n in range(4)),
+    ]
+    assert len(set(all_queues(Settings.from_env({"BACKUP_SHARDS": "64"})))) == 65
 
 
 def test_every_shard_of_a_session_has_a_queue():
-    queues = all_queues(8)
+    settings = Settings()
+    queues = all_queues(settings)
     for session_id, _, _ in PINNED:
-        assert queue_name(shard_of(session_id, 8)) in queues
+        assert shard_queue(settings, shard_of(session_id, settings.backup_shards)) in queues

@@ -1,1 +1,1 @@
-"""The `dnd-client` command line (CONTRACT §4)."""
+"""The `dnd-client` command line (docs/contract.md §4)."""

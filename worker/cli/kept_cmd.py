@@ -7,7 +7,7 @@ import uuid
 
 import click
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.cli.common import output_option, settings
 from worker.cli.output import Output
 from worker.services import open_postgres

@@ -1,7 +1,7 @@
 """Entry point of `dnd-client`: the command group and the one place errors are printed.
 
 Every error ends here as one line on stderr (no traceback, no password) and a
-named exit status (worker.cli.exit_codes). Set DND_DEBUG=1 to get tracebacks.
+named exit status (worker.exit_codes). Set DND_DEBUG=1 to get tracebacks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import click
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.cli.dev_cmd import dev
 from worker.cli.kept_cmd import kept
 from worker.cli.migrate_cmd import migrate

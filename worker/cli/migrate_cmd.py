@@ -6,8 +6,8 @@ import sys
 
 import click
 
+from worker import exit_codes
 from worker import migrate as migrations
-from worker.cli import exit_codes
 from worker.cli.common import output_option, settings
 from worker.cli.output import Output
 

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 import click
 
+from worker import exit_codes
 from worker.models import Run, RunStatus, RunTotals, SessionResult
 
 
@@ -167,8 +168,6 @@ def format_duration(ms: int | None) -> str:
 
 
 def run_exit_status(run: Run) -> int:
-    from worker.cli import exit_codes
-
     return {
         RunStatus.COMPLETED: exit_codes.OK,
         RunStatus.PARTIAL: exit_codes.PARTIAL,

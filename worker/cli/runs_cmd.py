@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.cli.common import (
     local_option,
     one_of_all_or_session,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import click
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.cli.common import (
     local_option,
     one_of_all_or_session,

@@ -1,6 +1,6 @@
 """Demo data: realistic sessions with messages, written as the chat application writes them.
 
-The layout is CONTRACT §1: the session ID in the ``sessions`` set, the session
+The layout is docs/contract.md §1: the session ID in the ``sessions`` set, the session
 as a hash, its messages in a zset (member: the message as JSON; score: its
 ``created_at`` in epoch milliseconds). Each session is written in one
 MULTI/EXEC, so a backup running meanwhile never sees half of one.

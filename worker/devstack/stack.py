@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
-from worker.cli import exit_codes
+from worker import exit_codes
 from worker.devstack import DEV_BACKUP_SCHEDULE, DevStackError
 from worker.devstack.datadir import DataDir, choose_port, port_is_free
 from worker.devstack.processes import (
@@ -45,12 +45,20 @@ from worker.devstack.processes import (
 )
 from worker.devstack.servers import HOST, EmbeddedPostgres, EmbeddedRedis
 from worker.errors import ConfigError
+from worker.flower_guard import auth_problem
 from worker.settings import Settings, redact_url
 
-DEFAULT_REDIS_PORT = 16379
-DEFAULT_POSTGRES_PORT = 15432
+# The embedded servers' ports, by their key in the data dir's state file.
+DEFAULT_PORTS = {"redis_port": 16379, "postgres_port": 15432}
 # The Redis URLs the embedded server can stand in for, and the database index of each.
 REDIS_DATABASES = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1, "CELERY_RESULT_BACKEND": 2}
+REDIS_LABELS = {
+    "REDIS_URL": "Redis (data)",
+    "CELERY_BROKER_URL": "Celery broker",
+    "CELERY_RESULT_BACKEND": "Celery results",
+}
+# The URLs a CLI in another terminal needs, in the order the ready block lists them.
+URL_SETTINGS = (*REDIS_DATABASES, "DATABASE_URL")
 # Settings a CLI in another terminal must share with the workers, when set here.
 SHARED_SETTINGS = ("REDIS_KEY_PREFIX", "CELERY_QUEUE_PREFIX", "CELERY_KEY_PREFIX", "BACKUP_SHARDS")
 CELERY_CHILDREN = ("flower", "beat", "worker")
@@ -129,6 +137,15 @@ def _given(environ: Mapping[str, str], name: str) -> bool:
     return bool(environ.get(name, "").strip())
 
 
+def _checked_settings(child_env: Mapping[str, str]) -> Settings:
+    """The children's settings; every one is checked before anything starts."""
+    from worker.celery_config import parse_schedule
+
+    settings = Settings.from_env(child_env)
+    parse_schedule(settings.backup_schedule, "BACKUP_SCHEDULE")
+    return settings
+
+
 class DevStack:
     def __init__(self, options: Options, environ: Mapping[str, str], console: Console) -> None:
         self.options = options
@@ -159,55 +176,71 @@ class DevStack:
 
     def _start(self, supervisor: Supervisor, stop: StopRequest) -> bool:
         """Start everything; False when a stop was asked for on the way."""
-        from worker import migrate
-        from worker.celery_config import parse_schedule
-        from worker.flower_guard import auth_problem
-
-        opts = self.options
-        env = self.environ
         self.say(f"data dir {self.data.root}")
-        flower_auth = env.get("FLOWER_BASIC_AUTH", "").strip()
-        if flower_auth:
-            problem = auth_problem({"FLOWER_BASIC_AUTH": flower_auth})
-            if problem:
-                raise ConfigError(problem)
+        flower_auth = self._flower_auth()
+        self._check_flower_port()
+        child_env = self._child_env(flower_auth)
+        settings = _checked_settings(child_env)
+        if not (self._start_redis(supervisor, stop) and self._start_postgres(supervisor, stop)):
+            return False
+        self._migrate(settings)
+        if self.options.demo:
+            self._write_demo(settings)
+        if stop.requested.is_set() or not self._start_celery(supervisor, stop, child_env):
+            return False
+        if self.options.output == "json":
+            self.console.show(self._ready_json(child_env, flower_auth))
         else:
-            flower_auth = self.data.flower_credentials()
+            self.console.show(self._ready_text(child_env, flower_auth))
+        return True
+
+    def _flower_auth(self) -> str:
+        """FLOWER_BASIC_AUTH as given (checked), else the data dir's generated login."""
+        flower_auth = self.environ.get("FLOWER_BASIC_AUTH", "").strip()
+        if not flower_auth:
+            return self.data.flower_credentials()
+        problem = auth_problem({"FLOWER_BASIC_AUTH": flower_auth})
+        if problem:
+            raise ConfigError(problem)
+        return flower_auth
+
+    def _check_flower_port(self) -> None:
+        opts = self.options
         if opts.flower and not port_is_free(opts.flower_port):
             raise DevStackError(
                 f"Flower's port {opts.flower_port} is in use: choose another "
                 "with --flower-port (or FLOWER_PORT), or --no-flower"
             )
 
-        child_env = self._child_env(flower_auth)
-        # Every setting is checked before anything starts.
-        settings = Settings.from_env(child_env)
-        parse_schedule(settings.backup_schedule, "BACKUP_SCHEDULE")
+    def _start_redis(self, supervisor: Supervisor, stop: StopRequest) -> bool:
+        """Start the embedded Redis if anything points at it; False on a stop."""
+        if self.redis is None:
+            return True
+        self.redis.prepare()
+        self.say(f"starting Redis {self.redis.version} (embedded) on {HOST}:{self.redis.port}")
+        child = supervisor.start(self.redis.spec(self.data.log("redis"), self.environ))
+        return self._wait(child, self.redis.ready, SERVER_START_TIMEOUT_S, stop)
 
-        if self.redis is not None:
-            self.redis.prepare()
-            self.say(f"starting Redis {self.redis.version} (embedded) on {HOST}:{self.redis.port}")
-            child = supervisor.start(self.redis.spec(self.data.log("redis"), env))
-            if not self._wait(child, self.redis.ready, SERVER_START_TIMEOUT_S, stop):
-                return False
-        if self.postgres is not None:
-            log = self.data.log("postgres")
-            if self.postgres.prepare(log, env, self.say):
-                self.say(
-                    f"made a new PostgreSQL {self.postgres.version} cluster in "
-                    f"{self.postgres.pgdata}"
-                )
-            if stop.requested.is_set():
-                return False
-            self.say(
-                f"starting PostgreSQL {self.postgres.version} (embedded) on {HOST}:"
-                f"{self.postgres.port}"
-            )
-            child = supervisor.start(self.postgres.spec(log, env))
-            if not self._wait(child, self.postgres.ready, SERVER_START_TIMEOUT_S, stop):
-                return False
-            if self.postgres.ensure_database():
-                self.say(f"created the database {self.postgres.url()}")
+    def _start_postgres(self, supervisor: Supervisor, stop: StopRequest) -> bool:
+        """Start the embedded PostgreSQL (making its cluster and database); False on a stop."""
+        postgres = self.postgres
+        if postgres is None:
+            return True
+        log = self.data.log("postgres")
+        if postgres.prepare(log, self.environ, self.say):
+            self.say(f"made a new PostgreSQL {postgres.version} cluster in {postgres.pgdata}")
+        if stop.requested.is_set():
+            return False
+        self.say(f"starting PostgreSQL {postgres.version} (embedded) on {HOST}:{postgres.port}")
+        child = supervisor.start(postgres.spec(log, self.environ))
+        if not self._wait(child, postgres.ready, SERVER_START_TIMEOUT_S, stop):
+            return False
+        if postgres.ensure_database():
+            self.say(f"created the database {postgres.url()}")
+        return True
+
+    def _migrate(self, settings: Settings) -> None:
+        from worker import migrate
 
         applied = migrate.up(settings)
         self.say(
@@ -215,22 +248,18 @@ class DevStack:
             if applied
             else "migrations: the schema is up to date"
         )
-        if opts.demo:
-            self._write_demo(settings)
-        if stop.requested.is_set():
-            return False
 
+    def _start_celery(
+        self, supervisor: Supervisor, stop: StopRequest, child_env: Mapping[str, str]
+    ) -> bool:
+        """Start the worker, beat and Flower, and wait until each is ready; False on a stop."""
         started = [supervisor.start(spec) for spec in self._celery_specs(child_env)]
         for child in started:
             self.say(f"starting {child.name} (pid {child.pid})")
-        for child in started:
-            if not self._wait(child, self._ready_check(child), opts.start_timeout, stop):
-                return False
-        if opts.output == "json":
-            self.console.show(self._ready_json(child_env, flower_auth))
-        else:
-            self.console.show(self._ready_text(child_env, flower_auth))
-        return True
+        return all(
+            self._wait(child, self._ready_check(child), self.options.start_timeout, stop)
+            for child in started
+        )
 
     def _child_env(self, flower_auth: str) -> dict[str, str]:
         """The environment of every child: the user's, plus what the stack provides."""
@@ -239,31 +268,15 @@ class DevStack:
         state = self.data.load_state()
         embedded_redis = [name for name in REDIS_DATABASES if not _given(env, name)]
         if embedded_redis:
-            port, note = choose_port(
-                "Redis",
-                "--redis-port",
-                opts.redis_port,
-                state.get("redis_port"),
-                DEFAULT_REDIS_PORT,
-            )
-            if note:
-                self.say(note)
+            port = self._port(state, "redis_port", "Redis", "--redis-port", opts.redis_port)
             self.redis = EmbeddedRedis(self.data.redis, port)
-            state["redis_port"] = port
             for name in embedded_redis:
                 env[name] = self.redis.url(REDIS_DATABASES[name])
         if not (_given(env, "DATABASE_URL") or _given(env, "POSTGRES_HOST")):
-            port, note = choose_port(
-                "PostgreSQL",
-                "--postgres-port",
-                opts.postgres_port,
-                state.get("postgres_port"),
-                DEFAULT_POSTGRES_PORT,
+            port = self._port(
+                state, "postgres_port", "PostgreSQL", "--postgres-port", opts.postgres_port
             )
-            if note:
-                self.say(note)
             self.postgres = EmbeddedPostgres(self.data.postgres, port)
-            state["postgres_port"] = port
             env["DATABASE_URL"] = self.postgres.url()
         self.data.save_state(state)
         if not _given(env, "BACKUP_SCHEDULE"):
@@ -277,6 +290,16 @@ class DevStack:
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         return env
+
+    def _port(
+        self, state: dict[str, Any], key: str, what: str, option: str, explicit: int | None
+    ) -> int:
+        """An embedded server's port (see choose_port), recorded in ``state`` under ``key``."""
+        port, note = choose_port(what, option, explicit, state.get(key), DEFAULT_PORTS[key])
+        if note:
+            self.say(note)
+        state[key] = port
+        return port
 
     def _celery_specs(self, env: Mapping[str, str]) -> list[ChildSpec]:
         """The worker, and beat and Flower unless turned off: `celery -A worker ...`."""
@@ -352,41 +375,8 @@ class DevStack:
     # -- report -----------------------------------------------------------------
 
     def _ready_text(self, env: Mapping[str, str], flower_auth: str) -> str:
-        opts = self.options
-        rows: list[tuple[str, str, str]] = []
-        labels = {
-            "REDIS_URL": "Redis (data)",
-            "CELERY_BROKER_URL": "Celery broker",
-            "CELERY_RESULT_BACKEND": "Celery results",
-        }
-        for name, label in labels.items():
-            given = _given(self.environ, name)
-            where = (
-                f"from {name}"
-                if given
-                else f"embedded Redis {self.redis.version}"
-                if self.redis
-                else ""
-            )
-            rows.append((label, redact_url(env[name]), where))
-        if self.postgres is not None:
-            rows.append(
-                ("PostgreSQL", self.postgres.url(), f"embedded PostgreSQL {self.postgres.version}")
-            )
-        else:
-            source = "DATABASE_URL" if _given(self.environ, "DATABASE_URL") else "POSTGRES_*"
-            db = redact_url(Settings.from_env(env).database_url)
-            rows.append(("PostgreSQL", db, f"from {source}"))
-        if opts.flower:
-            user, _, password = flower_auth.split(",")[0].partition(":")
-            if _given(self.environ, "FLOWER_BASIC_AUTH"):
-                login = f"user {user}, password as in FLOWER_BASIC_AUTH"
-            else:
-                login = f"user {user}, password {password}"
-            rows.append(("Flower", f"http://{HOST}:{opts.flower_port}/", login))
-        rows.append(("worker", f"dev@{socket.gethostname()}", f"concurrency {opts.concurrency}"))
-        if opts.beat:
-            rows.append(("beat", f"BACKUP_SCHEDULE={env['BACKUP_SCHEDULE']}", ""))
+        """The ready block for people: what runs where, and the lines to paste elsewhere."""
+        rows = self._ready_rows(env, flower_auth)
         width = max(len(r[0]) for r in rows)
         url_width = max(len(r[1]) for r in rows)
         lines = ["", f"dnd-client dev is up. Data: {self.data.root}  Logs: {self.data.logs}", ""]
@@ -396,57 +386,98 @@ class DevStack:
             "In another terminal, paste these lines, then run `dnd-client backup --all`:",
             "",
         ]
-        for name in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL"):
-            if name == "DATABASE_URL" and self.postgres is None:
+        exports = self._exports(env)
+        for name in URL_SETTINGS:
+            if name in exports:
+                lines.append(f"export {name}={shlex.quote(exports[name])}")
+            elif name == "DATABASE_URL" and self.postgres is None:
                 lines.append("# the database: your DATABASE_URL / POSTGRES_* settings, as here")
-            elif _given(self.environ, name):
-                lines.append(f"# {name}: yours, as set here")
             else:
-                lines.append(f"export {name}={shlex.quote(env[name])}")
-        for name in SHARED_SETTINGS:
-            if _given(self.environ, name):
-                lines.append(f"export {name}={shlex.quote(self.environ[name])}")
+                lines.append(f"# {name}: yours, as set here")
+        lines += [
+            f"export {name}={shlex.quote(value)}"
+            for name, value in exports.items()
+            if name not in URL_SETTINGS
+        ]
         lines += ["", READY_LINE, ""]
         return "\n".join(lines)
+
+    def _ready_rows(self, env: Mapping[str, str], flower_auth: str) -> list[tuple[str, str, str]]:
+        """(what, where, note) of every server and process, as the text shows them."""
+        opts = self.options
+        rows = [
+            (label, redact_url(env[name]), self._redis_source(name))
+            for name, label in REDIS_LABELS.items()
+        ]
+        rows.append(("PostgreSQL", self._database_shown(env), self._database_source()))
+        if opts.flower:
+            user, password = self._flower_login(flower_auth)
+            shown = password if password is not None else "as in FLOWER_BASIC_AUTH"
+            rows.append(("Flower", self._flower_url(), f"user {user}, password {shown}"))
+        rows.append(("worker", f"dev@{socket.gethostname()}", f"concurrency {opts.concurrency}"))
+        if opts.beat:
+            rows.append(("beat", f"BACKUP_SCHEDULE={env['BACKUP_SCHEDULE']}", ""))
+        return rows
 
     def _ready_json(self, env: Mapping[str, str], flower_auth: str) -> str:
         """The ready block for programs: one JSON object, then the ready line."""
         opts = self.options
-        exports = {
-            name: env[name]
-            for name in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DATABASE_URL")
-            if not _given(self.environ, name)
-            and not (name == "DATABASE_URL" and self.postgres is None)
-        }
-        # As in the text: the settings another terminal must share, when given here.
-        exports.update(
-            {name: self.environ[name] for name in SHARED_SETTINGS if _given(self.environ, name)}
-        )
         payload: dict[str, object] = {
             "data_dir": str(self.data.root),
             "logs": str(self.data.logs),
             "redis": redact_url(env["REDIS_URL"]),
             "broker": redact_url(env["CELERY_BROKER_URL"]),
             "results": redact_url(env["CELERY_RESULT_BACKEND"]),
-            "database": (
-                self.postgres.url()
-                if self.postgres is not None
-                else redact_url(Settings.from_env(env).database_url)
-            ),
+            "database": self._database_shown(env),
             "worker": {"name": f"dev@{socket.gethostname()}", "concurrency": opts.concurrency},
             "beat": {"schedule": env["BACKUP_SCHEDULE"]} if opts.beat else None,
             # URLs given in the environment are not repeated: they are yours.
-            "exports": exports,
+            "exports": self._exports(env),
         }
         if opts.flower:
-            user, _, password = flower_auth.split(",")[0].partition(":")
-            generated = not _given(self.environ, "FLOWER_BASIC_AUTH")
-            payload["flower"] = {
-                "url": f"http://{HOST}:{opts.flower_port}/",
-                "user": user,
-                "password": password if generated else None,
-            }
+            user, password = self._flower_login(flower_auth)
+            payload["flower"] = {"url": self._flower_url(), "user": user, "password": password}
         return json.dumps(payload, indent=2) + "\n" + READY_LINE + "\n"
+
+    def _exports(self, env: Mapping[str, str]) -> dict[str, str]:
+        """What a CLI in another terminal must export, by name.
+
+        The URLs of the embedded servers, then the settings the CLI must share
+        with the workers, when given here.
+        """
+        exports = {
+            name: env[name]
+            for name in URL_SETTINGS
+            if not _given(self.environ, name)
+            and not (name == "DATABASE_URL" and self.postgres is None)
+        }
+        exports.update(
+            {name: self.environ[name] for name in SHARED_SETTINGS if _given(self.environ, name)}
+        )
+        return exports
+
+    def _redis_source(self, name: str) -> str:
+        if _given(self.environ, name):
+            return f"from {name}"
+        return f"embedded Redis {self.redis.version}" if self.redis else ""
+
+    def _database_shown(self, env: Mapping[str, str]) -> str:
+        if self.postgres is not None:
+            return self.postgres.url()
+        return redact_url(Settings.from_env(env).database_url)
+
+    def _database_source(self) -> str:
+        if self.postgres is not None:
+            return f"embedded PostgreSQL {self.postgres.version}"
+        return f"from {'DATABASE_URL' if _given(self.environ, 'DATABASE_URL') else 'POSTGRES_*'}"
+
+    def _flower_url(self) -> str:
+        return f"http://{HOST}:{self.options.flower_port}/"
+
+    def _flower_login(self, flower_auth: str) -> tuple[str, str | None]:
+        """Flower's user, and its password when the stack made it (one given is not shown)."""
+        user, _, password = flower_auth.split(",")[0].partition(":")
+        return user, None if _given(self.environ, "FLOWER_BASIC_AUTH") else password
 
     # -- watch ------------------------------------------------------------------
 

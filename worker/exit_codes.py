@@ -1,7 +1,12 @@
-"""Exit statuses of `dnd-client`, by name (also listed in the README)."""
+"""Exit statuses of `dnd-client` (and of `celery ... flower` refusing to start), by name.
+
+Listed in the README and in docs/contract.md §4. A bottom module: it imports
+nothing of ours, so every layer (the CLI, the dev stack, the Flower guard) can
+use it without importing upward.
+"""
 
 OK = 0
-# An unexpected error; also `verify` finding differences (like diff(1)).
+# An unexpected error.
 FAILURE = 1
 # A bad argument or option (click's own usage errors exit 2 as well).
 USAGE = 2
