@@ -1,4 +1,4 @@
--- The application's data, as the original design stored it (CONTRACT §2).
+-- The application's data, as the original design stored it (docs/contract.md §2).
 
 CREATE TABLE client_sessions (
     id              uuid PRIMARY KEY,

@@ -1,4 +1,4 @@
-"""Test data in the application's Redis layout (CONTRACT §1), written as the app would."""
+"""Test data in the application's Redis layout (docs/contract.md §1), written as the app would."""
 
 from __future__ import annotations
 

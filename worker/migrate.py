@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from worker.connections import postgres_errors
-from worker.errors import ConfigError, StoreError
+from worker.errors import ConfigError, SchemaNotReady, StoreError
+from worker.pg_store import PostgresStore
 from worker.settings import Settings
 
 
@@ -45,6 +46,27 @@ def migrations_dir() -> Path:
         f"no migrations folder found (looked in {package / '_migrations'} "
         f"and {package.parent / 'migrations'})"
     )
+
+
+def latest_id() -> str:
+    """The newest migration this code knows: the schema it needs."""
+    ids = [p.stem for p in migrations_dir().glob("*.sql") if not p.stem.endswith(".rollback")]
+    return max(ids)
+
+
+def require_schema(pg: PostgresStore) -> None:
+    """SchemaNotReady unless the database has every migration this code needs.
+
+    Checked when a process opens the database, so a schema behind the code (a
+    release whose `migrate up` has not run yet) is one clear error, not an
+    odd failure in the middle of a run.
+    """
+    latest = latest_id()
+    if not pg.migration_applied(latest):
+        raise SchemaNotReady(
+            f"the database schema is older than this code (migration {latest} is not "
+            "applied); run `dnd-client migrate up`"
+        )
 
 
 def yoyo_url(database_url: str) -> str:

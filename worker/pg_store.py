@@ -166,6 +166,11 @@ class PostgresStore:
     def ping(self) -> None:
         self.conn.execute("SELECT 1")
 
+    def migration_applied(self, migration_id: str) -> bool:
+        """Whether yoyo applied this migration (SchemaNotReady when none ever was)."""
+        [applied] = self._rows("migration_applied", {"id": migration_id}, scalar_row)
+        return bool(applied)
+
     def _fetch(self, rows: Rows[R], params: Params) -> list[R]:
         return self._rows(rows.query, params, rows.factory())
 

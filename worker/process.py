@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from worker.connections import postgres_errors, postgres_kwargs
 from worker.errors import ServiceUnavailable
+from worker.migrate import require_schema
 from worker.pg_store import PostgresStore
 from worker.redis_store import RedisStore
 from worker.services import Services, redis_store
@@ -27,6 +28,7 @@ from worker.settings import Settings, get_settings, redact_url
 _pool: ConnectionPool | None = None
 _redis: RedisStore | None = None
 _owner_pid: int | None = None
+_schema_ready = False
 
 
 def after_fork(settings: Settings | None = None) -> None:
@@ -79,12 +81,17 @@ def task_services(worker_name: str) -> Iterator[Services]:
     if _redis is None:
         _redis = redis_store(settings)
     with _connection(_pool, settings) as conn, postgres_errors(settings):
-        yield Services(
-            settings=settings,
-            pg=PostgresStore(conn, settings),
-            redis=_redis,
-            worker_name=worker_name,
-        )
+        pg = PostgresStore(conn, settings)
+        _require_schema_once(pg)
+        yield Services(settings=settings, pg=pg, redis=_redis, worker_name=worker_name)
+
+
+def _require_schema_once(pg: PostgresStore) -> None:
+    """The schema check, until it passes once in this process (a release migrates once)."""
+    global _schema_ready
+    if not _schema_ready:
+        require_schema(pg)
+        _schema_ready = True
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import psycopg
 
 from worker.connections import connect_postgres, connect_redis
 from worker.keys import RedisKeys
+from worker.migrate import require_schema
 from worker.pg_store import PostgresStore
 from worker.redis_store import RedisStore
 from worker.settings import Settings
@@ -55,11 +56,14 @@ def open_services(
     own_conn = conn is None
     pg_conn = connect_postgres(settings) if conn is None else conn
     try:
+        pg = PostgresStore(pg_conn, settings)
+        if own_conn:
+            require_schema(pg)
         store = redis_store(settings)
         try:
             yield Services(
                 settings=settings,
-                pg=PostgresStore(pg_conn, settings),
+                pg=pg,
                 redis=store,
                 worker_name=worker_name or local_worker_name(),
             )
@@ -75,6 +79,8 @@ def open_postgres(settings: Settings) -> Iterator[PostgresStore]:
     """Only the PostgreSQL store (for commands that never touch Redis)."""
     conn = connect_postgres(settings)
     try:
-        yield PostgresStore(conn, settings)
+        pg = PostgresStore(conn, settings)
+        require_schema(pg)
+        yield pg
     finally:
         conn.close()

@@ -304,7 +304,7 @@ def test_every_help_shows_the_environment_variables_of_its_options():
             envvar = getattr(option, "envvar", None)
             if isinstance(option, click.Option) and envvar:
                 assert f"env var: {envvar}" in text, (path, option.name, out)
-        # Every command takes --output (CONTRACT §4), dev included.
+        # Every command takes --output (docs/contract.md §4), dev included.
         if not isinstance(command, click.Group):
             assert "--output [table|json]" in text, (path, out)
             assert "env var: DND_OUTPUT" in text, (path, out)

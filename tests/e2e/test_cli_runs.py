@@ -216,7 +216,7 @@ def _as_read(redis_client, keys, sid: str) -> tuple[dict, dict]:
     """A session as the application reads it: (hash fields, messages by ID with scores).
 
     Restores write timestamps back as RFC 3339 in UTC and JSON compactly
-    (CONTRACT §1), so values are compared parsed, not byte for byte.
+    (docs/contract.md §1), so values are compared parsed, not byte for byte.
     """
 
     def parsed(key: str, value: str) -> object:

@@ -45,7 +45,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
         "flower_guard",
     ),
     ("stores", "connections pg_store redis_store migrate"),
-    ("engines", "engine backup restore verify"),
+    ("engines", "engine backup_plan backup restore verify"),
     ("runs", "services runner runs process drill"),
     ("celery", "celery_config celery tasks"),
     ("devstack", "devstack"),

@@ -2,6 +2,10 @@
 -- starts the query named x (loaded by worker/sql/__init__.py). Parameters are
 -- psycopg's %(name)s placeholders; nothing is ever spliced in as text.
 
+-- name: migration_applied
+-- Is this migration applied? (yoyo's bookkeeping table: no table, no schema.)
+SELECT EXISTS (SELECT 1 FROM _yoyo_migration WHERE migration_id = %(id)s) AS applied;
+
 -- name: lock_sessions
 -- Serialises every backup and restore of the same session, across processes
 -- and hosts: they all share this database. Transaction-scoped, so a crashed
