@@ -158,7 +158,12 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Results are for callers waiting on them and for chords; the lasting
         # record is in PostgreSQL. Expire them so Redis does not fill up.
         "result_expires": settings.result_expires_s,
-        "task_track_started": True,
+        # No STARTED state: writing it happens before the task runs, and when
+        # the result backend cannot take it (down for a second), Celery fails
+        # the task without running it, and acknowledges it. Progress lives in
+        # PostgreSQL (the run's results), and Flower sees tasks start through
+        # events.
+        "task_track_started": False,
         # Flower shows workers and tasks from these events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -184,6 +189,14 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             # next one is already due, so drop it rather than pile them up.
             "options": {"expires": period} if period else {},
         }
+    # Finish, fail or revive runs whose workers or owners went away
+    # (worker/supervise.py): a dead worker's batch is sent again within about
+    # this long, on any broker.
+    entries["supervise-runs"] = {
+        "task": "worker.tasks.supervise_runs",
+        "schedule": schedule(timedelta(seconds=settings.supervise_interval_s)),
+        "options": {"expires": settings.supervise_interval_s},
+    }
     entries["fail-stale-runs"] = {
         "task": "worker.tasks.fail_stale_runs",
         "schedule": schedule(timedelta(seconds=300)),

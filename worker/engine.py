@@ -149,7 +149,31 @@ class Engine(Generic[OptionsT]):
         self, session_ids: Sequence[str], error: str, seconds: float = 0.0
     ) -> list[SessionResult]:
         """The results of a batch that failed as a whole (its time shared out)."""
-        each = seconds / max(len(session_ids), 1)
-        return [
-            self.result(sid, SessionStatus.FAILED, seconds=each, error=error) for sid in session_ids
-        ]
+        return failed_results(
+            session_ids, error, shard_of=self.shard_of, worker=self.worker_name, seconds=seconds
+        )
+
+
+def failed_results(
+    session_ids: Sequence[str],
+    error: str,
+    *,
+    shard_of: Callable[[str], int] | None,
+    worker: str | None,
+    seconds: float = 0.0,
+) -> list[SessionResult]:
+    """Failed results of sessions, stamped like every result (their time shared out)."""
+    each_ms = round(seconds * 1000 / max(len(session_ids), 1))
+    now = datetime.now(UTC)
+    return [
+        SessionResult(
+            session_id=sid,
+            status=SessionStatus.FAILED,
+            duration_ms=each_ms,
+            error=error,
+            shard=shard_of(sid) if shard_of else None,
+            worker=worker,
+            finished_at=now,
+        )
+        for sid in session_ids
+    ]

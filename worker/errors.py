@@ -36,7 +36,12 @@ class ServiceUnavailable(TransientError):
         self.service = service
         self.setting = setting
         self.detail = detail
-        super().__init__(f"cannot reach {service} ({detail}); check {setting}")
+        # The constructor's arguments, so that a copy can be made from them: a
+        # task's error reaches the CLI through Celery's result backend that way.
+        super().__init__(service, setting, detail)
+
+    def __str__(self) -> str:
+        return f"cannot reach {self.service} ({self.detail}); check {self.setting}"
 
 
 class SchemaNotReady(DndError):
@@ -49,6 +54,10 @@ class StoreError(DndError):
 
 class LockTimeout(TransientError):
     """Another backup or restore of the same session held it for too long."""
+
+
+class TaskFailed(DndError):
+    """A task on the workers failed with an error that is not one of ours."""
 
 
 class NoWorkers(DndError):
@@ -69,7 +78,10 @@ class RunInProgress(DndError):
     def __init__(self, kind: str, run_id: str) -> None:
         self.kind = kind
         self.run_id = run_id
-        super().__init__(f"a full {kind} is already running: run {run_id}")
+        super().__init__(kind, run_id)
+
+    def __str__(self) -> str:
+        return f"a full {self.kind} is already running: run {self.run_id}"
 
 
 class WaitTimeout(DndError):
@@ -77,7 +89,20 @@ class WaitTimeout(DndError):
 
     def __init__(self, run_id: str, seconds: float) -> None:
         self.run_id = run_id
-        super().__init__(
-            f"stopped waiting after {seconds:g} s; run {run_id} goes on "
-            f"(follow it: dnd-client backup show {run_id})"
+        self.seconds = seconds
+        super().__init__(run_id, seconds)
+
+    def __str__(self) -> str:
+        return (
+            f"stopped waiting after {self.seconds:g} s; run {self.run_id} goes on "
+            f"(follow it: dnd-client backup show {self.run_id})"
         )
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM): it stops as Ctrl-C stops it.
+
+    A KeyboardInterrupt, so that whatever cleans up after Ctrl-C (a --local
+    run marking itself failed) does so after SIGTERM too: a deploy, `kill`, a
+    container stop.
+    """

@@ -30,3 +30,5 @@ BUSY = 10
 DIFFERENCES = 11
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+# Asked to stop by SIGTERM (128 + SIGTERM): a deploy, `kill`, a container stop.
+TERMINATED = 143

@@ -218,6 +218,28 @@ class Run:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class RunBatch:
+    """A batch of a run on the workers, as recorded when it was handed out.
+
+    A batch is done when each of its sessions has a result in the run; until
+    then its record says when its task was sent, when a worker last began it
+    and whether a retry is due, which is how a lost batch is told from a slow
+    one (worker/supervise.py).
+    """
+
+    run_id: str
+    batch_no: int
+    shard: int
+    session_ids: list[str]
+    dispatched_at: datetime
+    dispatches: int
+    started_at: datetime | None
+    starts: int
+    retry_at: datetime | None
+    last_error: str | None
+
+
 @dataclass(slots=True)
 class RunTotals:
     """Running totals of a run, as shown in the closing summary."""

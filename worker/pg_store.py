@@ -22,12 +22,18 @@ import psycopg.errors
 from psycopg.rows import RowFactory, class_row, dict_row, kwargs_row, scalar_row
 
 from worker.checksums import MessageChecksum
-from worker.connections import postgres_boundary, postgres_reason
+from worker.connections import (
+    postgres_boundary,
+    postgres_error,
+    postgres_reason,
+    translates_own_errors,
+)
 from worker.errors import MessageConflict, RunInProgress
 from worker.models import (
     KeptRecord,
     MessageRow,
     Run,
+    RunBatch,
     Session,
     SessionResult,
     Watermark,
@@ -66,6 +72,12 @@ FINISHED_RUN = Rows("finish_run", Run)
 RUN = Rows("get_run", Run)
 RUNS = Rows("list_runs", Run)
 RUN_RESULTS = Rows("run_results", SessionResult)
+RUNNING_RUNS = Rows("running_runs", Run)
+BATCH = Rows("batch", RunBatch)
+UNFINISHED_BATCHES = Rows("unfinished_batches", RunBatch)
+
+# The class of every owner lock (pg_advisory_lock's first key): "dnd" + 1.
+OWNER_LOCK_CLASS = 1684956268
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +109,7 @@ class MessageCopy:
         self._copy: psycopg.Copy | None = None
         self.rows = 0
 
+    @translates_own_errors  # once per message: the boundary's wrapper would show
     def write(self, row: MessageRow) -> None:
         try:
             if self._copy is None:
@@ -105,6 +118,9 @@ class MessageCopy:
         except psycopg.errors.UniqueViolation as exc:
             self.abort(exc)
             raise self._conflict(exc) from exc
+        except psycopg.Error as exc:
+            self.abort(exc)
+            raise postgres_error(exc, self.settings) from exc
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -408,7 +424,10 @@ class PostgresStore:
             "details": json.dumps(details or {}),
         }
         try:
-            run = self._fetch_one(STARTED_RUN, params)
+            # A savepoint when inside a transaction: the violation undoes the
+            # INSERT only, and the caller's transaction goes on.
+            with self.conn.transaction():
+                run = self._fetch_one(STARTED_RUN, params)
         except psycopg.errors.UniqueViolation:
             running = self._rows("running_full_run", {"kind": kind}, scalar_row)
             raise RunInProgress(kind, running[0] if running else "?") from None
@@ -464,6 +483,62 @@ class PostgresStore:
 
     def run_results(self, run_id: str) -> list[SessionResult]:
         return self._fetch(RUN_RESULTS, {"id": run_id})
+
+    def reported_sessions(self, run_id: str) -> int:
+        """How many sessions of the run have a result."""
+        [count] = self._rows("reported_sessions", {"id": run_id}, scalar_row)
+        return int(count)
+
+    def running_runs(self) -> list[Run]:
+        return self._fetch(RUNNING_RUNS, None)
+
+    # -- owners: who drives a run, or works on a batch of it ----------------
+
+    def try_owner_lock(self, key: str) -> bool:
+        """Take the owner lock ``key`` on this connection, unless someone holds it."""
+        params = {"class": OWNER_LOCK_CLASS, "key": key}
+        [locked] = self._rows("try_owner_lock", params, scalar_row)
+        return bool(locked)
+
+    def release_owner_lock(self, key: str) -> None:
+        self._execute("release_owner_lock", {"class": OWNER_LOCK_CLASS, "key": key})
+
+    def live_owners(self, keys: Sequence[str]) -> set[str]:
+        """The keys whose owner lock is held now, by any connection."""
+        if not keys:
+            return set()
+        params = {"class": OWNER_LOCK_CLASS, "keys": list(keys)}
+        return set(self._rows("live_owners", params, scalar_row))
+
+    # -- batches of runs on the workers --------------------------------------
+
+    def save_batches(self, run_id: str, batches: Iterable[tuple[int, int, Sequence[str]]]) -> None:
+        """Record (batch number, shard, session IDs) of each batch of a run."""
+        with self.conn.cursor() as cur, cur.copy(QUERIES["copy_batches"]) as copy:
+            for batch_no, shard, session_ids in batches:
+                copy.write_row((run_id, batch_no, shard, list(session_ids)))
+
+    def batch(self, run_id: str, batch_no: int) -> RunBatch | None:
+        return self._fetch_one(BATCH, {"id": run_id, "batch_no": batch_no})
+
+    def begin_batch(self, run_id: str, batch_no: int) -> list[str]:
+        """Note that a worker began the batch; the sessions it still has to do."""
+        params = {"id": run_id, "batch_no": batch_no}
+        return self._rows("begin_batch", params, scalar_row)
+
+    def batch_retry_at(self, run_id: str, batch_no: int, at: datetime, error: str) -> None:
+        params = {"id": run_id, "batch_no": batch_no, "retry_at": at, "error": _safe_text(error)}
+        self._execute("batch_retry_at", params)
+
+    def unfinished_batches(self, run_id: str) -> list[RunBatch]:
+        return self._fetch(UNFINISHED_BATCHES, {"id": run_id})
+
+    def sessions_without_result(self, run_id: str, session_ids: Sequence[str]) -> list[str]:
+        params = {"id": run_id, "ids": list(session_ids)}
+        return self._rows("sessions_without_result", params, scalar_row)
+
+    def batch_redispatched(self, run_id: str, batch_no: int) -> None:
+        self._execute("batch_redispatched", {"id": run_id, "batch_no": batch_no})
 
     def prune(
         self, *, keep: int | None, before: datetime | None, dry_run: bool = False

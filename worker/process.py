@@ -61,6 +61,9 @@ def _open_pool(settings: Settings) -> ConnectionPool:
         open=False,
         name=f"dnd-worker-{os.getpid()}",
         check=ConnectionPool.check_connection,
+        # A connection goes back to the pool holding no owner lock, whatever
+        # happened to the task that used it (worker/runs.py: owners).
+        reset=_release_owner_locks,
         timeout=30,
         # While PostgreSQL is away the pool keeps trying to reconnect in the
         # background (psycopg_pool's default: with back-off, for 5 minutes).
@@ -68,6 +71,10 @@ def _open_pool(settings: Settings) -> ConnectionPool:
     pool.open(wait=False)
     _pool, _owner_pid = pool, os.getpid()
     return pool
+
+
+def _release_owner_locks(conn: Any) -> None:
+    conn.execute("SELECT pg_advisory_unlock_all()")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
@@ -18,11 +19,11 @@ import psycopg
 
 from worker import runs
 from worker.connections import connect_postgres
-from worker.errors import DndError, LockTimeout
+from worker.errors import DndError, LockTimeout, Terminated
 from worker.models import Run, RunOptions, SessionResult
 from worker.pg_store import PostgresStore
 from worker.records import parse_session_id
-from worker.services import Services
+from worker.services import Services, open_postgres
 
 
 class Progress(Protocol):
@@ -55,26 +56,36 @@ def run_local(
     runs.
     """
     ids = None if session_ids is None else [parse_session_id(sid) for sid in session_ids]
-    started = runs.start(
-        services, options, session_ids=ids, details={"mode": "local", **(details or {})}
-    )
+    run_id = str(uuid.uuid4())
+    info = {"mode": "local", "worker": services.worker_name, **(details or {})}
+    # This process owns the run from before its record exists until it ends:
+    # if the process dies, or PostgreSQL drops its connection, the lock goes
+    # with it and the run is known to be abandoned (worker/runs.py).
+    with runs.owning(services.pg, runs.owner_key(run_id)):
+        started = runs.start(services, options, session_ids=ids, run_id=run_id, details=info)
+        with _finish_on_error(services, started.run):
+            _run_batches(services, options, started, progress or NoProgress())
+        return runs.finish(services, run_id)
+
+
+def _run_batches(
+    services: Services, options: RunOptions, started: runs.StartedRun, progress: Progress
+) -> None:
     run = started.run
-    settings = services.settings
     # One process is one queue: batches follow the sessions' order, not shards.
-    batches = runs.cut_batches(started.session_ids, 1, settings.batch_sessions)
+    batches = runs.cut_batches(started.session_ids, 1, services.settings.batch_sessions)
 
     def work(on: Services, batch: runs.Batch) -> list[SessionResult]:
         try:
             return runs.run_batch(on, options, run.id, batch.session_ids, explicit=started.explicit)
         except LockTimeout as exc:
             # Another run held these sessions too long: they fail, the others go on.
-            return runs.fail_batch(on, options, run.id, batch.session_ids, str(exc))
+            return runs.fail_batch(
+                on.pg, run.id, batch.session_ids, str(exc), worker=on.worker_name
+            )
 
-    shown = progress or NoProgress()
-    shown.start(run, len(started.session_ids))
-    with _finish_on_error(services, run):
-        _work_through(services, batches, work, shown)
-    return runs.finish(services, run.id)
+    progress.start(run, len(started.session_ids))
+    _work_through(services, batches, work, progress)
 
 
 def _work_through(
@@ -96,18 +107,19 @@ def _work_through(
         for batch in batches:
             progress.advance(work(services, batch))
         return
-    with (
-        _thread_services(services) as per_thread,
-        ThreadPoolExecutor(threads, thread_name_prefix="batch") as pool,
-    ):
+    with _thread_services(services) as per_thread:
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="batch")
         futures = [pool.submit(lambda b: work(per_thread(), b), batch) for batch in batches]
         try:
             for future in as_completed(futures):
                 progress.advance(future.result())
         except BaseException:
-            for future in futures:
-                future.cancel()  # batches not started yet; running ones finish
+            # Stop now (Ctrl-C, SIGTERM, an error): batches not started are
+            # dropped; the run is marked failed without waiting for the ones
+            # at work, whose transactions roll back if the process exits.
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
+        pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager
@@ -126,15 +138,15 @@ def _thread_services(services: Services) -> Iterator[Callable[[], Services]]:
             mine = local.services = replace(services, pg=PostgresStore(conn, services.settings))
         return mine
 
-    try:
-        yield current
-    finally:
-        for conn in opened:
-            conn.close()
+    yield current
+    # Only on success: after an error, threads may still be using them (they
+    # close with the process, or when collected).
+    for conn in opened:
+        conn.close()
 
 
 class _finish_on_error:  # noqa: N801 - used as a context manager, reads like one
-    """Mark the run failed if the block raises (a server went away, Ctrl-C)."""
+    """Mark the run failed if the block raises (a server went away, Ctrl-C, SIGTERM)."""
 
     def __init__(self, services: Services, run: Run) -> None:
         self.services = services
@@ -148,8 +160,21 @@ class _finish_on_error:  # noqa: N801 - used as a context manager, reads like on
     ) -> None:
         if exc is None:
             return
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
-        # If PostgreSQL itself is what failed, the run stays `running` until
-        # the stale-run sweep marks it failed.
-        with contextlib.suppress(DndError):
+        reason = _why_stopped(exc)
+        try:
             self.services.pg.finish_run(self.run.id, error=reason)
+        except DndError:
+            # Our connection is what failed (PostgreSQL restarted, failed over,
+            # or dropped it): try once on a new one. If that fails too, the
+            # run's owner lock went with the old connection, so the next run
+            # finds this one abandoned and marks it failed (worker/runs.py).
+            with contextlib.suppress(DndError), open_postgres(self.services.settings) as pg:
+                pg.finish_run(self.run.id, error=reason)
+
+
+def _why_stopped(exc: BaseException) -> str:
+    if isinstance(exc, Terminated):
+        return "interrupted: the process was asked to stop (SIGTERM)"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return str(exc) or type(exc).__name__

@@ -14,6 +14,15 @@ drives it — this process (`--local`, worker.runner), the Celery workers
    result is recorded as the batch ends;
 4. :func:`finish` completes the run's record from its per-session results.
 
+A run has an *owner* known to be alive: whoever drives it holds an advisory
+lock in PostgreSQL on its own connection (:func:`owning`), which ends when the
+process or its connection does. A `--local` run is owned by its process for
+its whole life; a run on the workers by the coordinator task while it hands the
+batches out, then by each batch's task while it works (the batches are
+recorded, so that a lost one can be sent again: worker/supervise.py). A run
+whose owner is gone is *abandoned*; :func:`start` finishes an abandoned run
+that blocks a new one instead of refusing.
+
 A kind of run is one engine class and one line of :data:`KINDS`. The options of
 a run (``--full``, ``--force``, ``--quick``) are a worker.models.RunOptions,
 given to the engine when it is made; they also say which kind the run is.
@@ -21,13 +30,16 @@ given to the engine when it is made; they also say which kind the run is.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.backup import BackupEngine
-from worker.engine import Engine
+from worker.engine import Engine, failed_results
+from worker.errors import DndError, RunInProgress
 from worker.models import (
     BackupOptions,
     RestoreOptions,
@@ -35,9 +47,11 @@ from worker.models import (
     RunKind,
     RunOptions,
     RunScope,
+    RunStatus,
     SessionResult,
     VerifyOptions,
 )
+from worker.pg_store import PostgresStore
 from worker.restore import RestoreEngine
 from worker.services import Services
 from worker.sharding import shard_of
@@ -93,6 +107,13 @@ def options_for(kind: RunKind, data: Mapping[str, Any] | None = None) -> RunOpti
     return KINDS[kind].options.from_dict(dict(data or {}))
 
 
+def options_from_details(run: Run) -> RunOptions:
+    """The options a run was started with, from its record (they are in its details)."""
+    cls = KINDS[run.kind].options  # type: ignore[index]
+    names = {f.name for f in fields(cls)}
+    return cls.from_dict({k: v for k, v in run.details.items() if k in names})
+
+
 def make_engine(services: Services, options: RunOptions) -> Engine[Any]:
     """The engine for a run with these options, over these stores."""
     settings = services.settings
@@ -137,15 +158,21 @@ def start(
         ids = sorted(set(session_ids))
         if len(ids) == 1:
             info["session_id"] = ids[0]
-    run, created = services.pg.ensure_run(
-        options.kind,
-        scope_of(session_ids),
-        run_id=run_id or str(uuid.uuid4()),
-        forced=options.forced,
-        expected_sessions=len(ids),
-        kept=len(kept),
-        details=info,
-    )
+    chosen_id = run_id or str(uuid.uuid4())
+
+    def record() -> tuple[Run, bool]:
+        return services.pg.ensure_run(
+            options.kind, scope_of(session_ids), run_id=chosen_id, forced=options.forced,
+            expected_sessions=len(ids), kept=len(kept), details=info,
+        )  # fmt: skip
+
+    try:
+        run, created = record()
+    except RunInProgress as busy:
+        # The run in the way may be one whose owner died: then it goes.
+        if not finish_if_abandoned(services.pg, busy.run_id):
+            raise
+        run, created = record()
     if created:
         services.pg.keep_records(kept, run.id)
     return StartedRun(run, created, ids)
@@ -186,14 +213,116 @@ def run_batch(
 
 
 def fail_batch(
-    services: Services, options: RunOptions, run_id: str, session_ids: Sequence[str], error: str
+    pg: PostgresStore, run_id: str, session_ids: Sequence[str], error: str, *, worker: str
 ) -> list[SessionResult]:
-    """Record a batch as failed as a whole (it will not be tried again)."""
-    results = make_engine(services, options).failed(sorted(set(session_ids)), error)
-    services.pg.record_results(run_id, results)
+    """Record sessions of a run as failed (a batch that will not be tried again)."""
+    shards = pg.settings.backup_shards
+    results = failed_results(
+        sorted(set(session_ids)), error, shard_of=lambda sid: shard_of(sid, shards), worker=worker
+    )
+    pg.record_results(run_id, results)
     return results
 
 
 def finish(services: Services, run_id: str, error: str | None = None) -> Run:
     """Complete the run's record from its per-session results (once; later calls return it)."""
     return services.pg.finish_run(run_id, error=error)
+
+
+def finish_if_complete(pg: PostgresStore, run_id: str) -> Run | None:
+    """Finish the run once every session it covers has a result; None while some have not.
+
+    Each batch of a run on the workers calls this as it ends, so the run is
+    finished by whichever batch is last, whether or not the chord's callback
+    ever runs (a lost chord part, a result backend that was down).
+    """
+    run = pg.get_run(run_id)
+    if run is None or run.done:
+        return run
+    if pg.reported_sessions(run_id) < (run.expected_sessions or 0):
+        return None
+    return pg.finish_run(run_id)
+
+
+# -- owners -------------------------------------------------------------------------
+
+# A run handed out so recently that its owner may not have taken its lock yet.
+OWNERLESS_GRACE_S = 20
+
+
+def owner_key(run_id: str, batch_no: int | None = None) -> str:
+    """The owner lock of a run (its driver) or of one of its batches (the task at work)."""
+    return f"run:{run_id}" if batch_no is None else f"batch:{run_id}:{batch_no}"
+
+
+@contextlib.contextmanager
+def owning(pg: PostgresStore, key: str) -> Iterator[bool]:
+    """Hold the owner lock ``key`` while the block runs; False: someone else holds it."""
+    mine = pg.try_owner_lock(key)
+    try:
+        yield mine
+    finally:
+        if mine:
+            # A broken connection has let go of it already.
+            with contextlib.suppress(DndError):
+                pg.release_owner_lock(key)
+
+
+def abandonment(run: Run, live: set[str], now: datetime | None = None) -> str | None:
+    """Why ``run`` is abandoned (its owner is gone and nothing will finish it), or None.
+
+    A --local run is abandoned as soon as its process's lock is gone. A run on
+    the workers is abandoned when its coordinator stopped before handing its
+    batches out; once they are out, the batches' own records keep it going
+    (worker/supervise.py), so it is never abandoned here.
+    """
+    if run.status is not RunStatus.RUNNING or owner_key(run.id) in live:
+        return None
+    if run.details.get("mode") == "local":
+        who = run.details.get("worker") or "the process running it"
+        return f"abandoned: {who} ended without finishing the run (killed, or its connection lost)"
+    now = now or datetime.now(UTC)
+    handed_out = run.details.get("dispatched") or run.scope != "all"
+    if not handed_out and now - run.created_at > timedelta(seconds=OWNERLESS_GRACE_S):
+        return "abandoned: the coordinator task stopped before handing the batches out"
+    return None
+
+
+def finish_if_abandoned(pg: PostgresStore, run_id: str) -> bool:
+    """Mark the run failed if it is abandoned; True when it was (a new run may start)."""
+    run = pg.get_run(run_id)
+    if run is None:
+        return False
+    reason = abandonment(run, pg.live_owners([owner_key(run_id)]))
+    if reason is None:
+        return False
+    pg.finish_run(run_id, error=reason)
+    return True
+
+
+# -- batches handed out to the workers ------------------------------------------------
+
+
+def hand_out(services: Services, run_id: str, batches: Sequence[Batch]) -> None:
+    """Record a run's batches before their tasks are sent (numbered from 0)."""
+    services.pg.save_batches(
+        run_id, ((no, batch.shard, batch.session_ids) for no, batch in enumerate(batches))
+    )
+
+
+def run_handed_out_batch(
+    services: Services, options: RunOptions, run_id: str, batch_no: int, *, explicit: bool = False
+) -> list[SessionResult] | None:
+    """A recorded batch, as its task works on it; its results are recorded.
+
+    None: another copy of the task is at work on it right now (it holds the
+    batch's owner lock). Sessions that already have a result in the run are not
+    done again, so a late copy of a finished batch does nothing.
+    """
+    with owning(services.pg, owner_key(run_id, batch_no)) as mine:
+        if not mine:
+            return None
+        todo = services.pg.begin_batch(run_id, batch_no)
+        if not todo:
+            return []
+        return run_batch(services, options, run_id, todo, explicit=explicit)

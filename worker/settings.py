@@ -80,7 +80,11 @@ class Settings:
     task_time_limit_s: int = 1500
     # Longer than the longest task (see worker/celery_config.py).
     broker_visibility_timeout_s: int = 1800
-    # A run still `running` with no progress for this long was abandoned.
+    # How often beat has a worker look at the running runs: finish those whose
+    # sessions all reported, fail --local runs whose process died, send again
+    # the batches of workers that died or messages a broker lost.
+    supervise_interval_s: int = 10
+    # The last resort: a run still `running` with no progress for this long.
     stale_run_after_s: int = 3600
     result_expires_s: int = 86_400
     beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
@@ -143,6 +147,7 @@ class Settings:
             ),
             task_time_limit_s=_int(env, "TASK_TIME_LIMIT", d.task_time_limit_s, 1, 604_800),
             stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 10, 604_800),
+            supervise_interval_s=_int(env, "SUPERVISE_INTERVAL", d.supervise_interval_s, 1, 3600),
             result_expires_s=_int(env, "CELERY_RESULT_EXPIRES", d.result_expires_s, 60, 2_592_000),
         )
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:

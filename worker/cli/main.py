@@ -7,6 +7,7 @@ named exit status (worker.exit_codes). Set DND_DEBUG=1 to get tracebacks.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -27,6 +28,9 @@ from worker.errors import (
     RunInProgress,
     SchemaNotReady,
     ServiceUnavailable,
+    StoreError,
+    TaskFailed,
+    Terminated,
     WaitTimeout,
 )
 from worker.settings import passwords_in
@@ -49,7 +53,7 @@ def cli() -> None:
     kept aside), 4 run failed, 5 server unreachable, 6 no worker, 7 bad
     setting, 8 schema not migrated, 9 timed out waiting, 10 another full run
     of this kind is running (--local), 11 verify found differences, 130
-    interrupted.
+    interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
 
 
@@ -62,7 +66,20 @@ cli.add_command(dev)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
-    sys.exit(run(argv))
+    signal.signal(signal.SIGTERM, _terminate)
+    status = run(argv)
+    if status in (exit_codes.INTERRUPTED, exit_codes.TERMINATED):
+        # Stop now: threads still at work on a batch (--local) would keep the
+        # process alive until they finish; their transactions roll back when
+        # their connections close with the process. The run was marked failed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -80,9 +97,8 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return exit_codes.INTERRUPTED
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        return _interrupted(exc)
     except DndError as exc:
         if debug:
             raise
@@ -96,6 +112,14 @@ def run(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else exit_codes.OK
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    if isinstance(exc, Terminated):
+        _error("terminated (SIGTERM)")
+        return exit_codes.TERMINATED
+    _error("interrupted")
+    return exit_codes.INTERRUPTED
+
+
 def _status_of(exc: DndError) -> int:
     if isinstance(exc, InvalidArgument):
         return exit_codes.USAGE
@@ -107,7 +131,8 @@ def _status_of(exc: DndError) -> int:
         return exit_codes.CONFIG
     if isinstance(exc, SchemaNotReady):
         return exit_codes.SCHEMA
-    if isinstance(exc, LockTimeout):
+    if isinstance(exc, LockTimeout | StoreError | TaskFailed):
+        # A server answered with an error: the run (or this step of it) failed.
         return exit_codes.RUN_FAILED
     if isinstance(exc, WaitTimeout):
         return exit_codes.TIMEOUT

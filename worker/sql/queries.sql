@@ -407,3 +407,91 @@ DELETE FROM persistence_kept_records
 WHERE resolved_at IS NOT NULL
   AND (last_snapshot_id IS NULL
        OR (%(before)s::timestamptz IS NOT NULL AND last_seen_at < %(before)s::timestamptz));
+
+-- name: try_owner_lock
+-- Who drives a run (a --local process, a coordinator task) or works on one of
+-- its batches holds this lock on its connection: a session-level advisory lock,
+-- gone the moment its connection is (the process died, or PostgreSQL dropped
+-- it). Never waits: a key held by someone else means a live owner.
+SELECT pg_try_advisory_lock(%(class)s, hashtext(%(key)s)) AS locked;
+
+-- name: release_owner_lock
+SELECT pg_advisory_unlock(%(class)s, hashtext(%(key)s)) AS released;
+
+-- name: live_owners
+-- The keys whose owner lock someone holds now (in this database).
+SELECT key FROM unnest(%(keys)s::text[]) AS key
+WHERE EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = %(class)s::oid
+      AND l.objid = (hashtext(key)::bigint & 4294967295)::oid
+);
+
+-- name: copy_batches
+COPY persistence_run_batches (snapshot_id, batch_no, shard, session_ids) FROM STDIN;
+
+-- name: batch
+SELECT snapshot_id::text AS run_id, batch_no, shard, session_ids::text[] AS session_ids,
+       dispatched_at, dispatches, started_at, starts, retry_at, last_error
+FROM persistence_run_batches
+WHERE snapshot_id = %(id)s AND batch_no = %(batch_no)s;
+
+-- name: begin_batch
+-- A worker begins the batch: the sessions it still has to do (no result yet).
+WITH begun AS (
+    UPDATE persistence_run_batches
+    SET started_at = now(), starts = starts + 1, retry_at = NULL
+    WHERE snapshot_id = %(id)s AND batch_no = %(batch_no)s
+    RETURNING session_ids
+)
+SELECT sid::text AS session_id
+FROM begun, unnest(begun.session_ids) AS sid
+WHERE NOT EXISTS (
+    SELECT 1 FROM persistence_session_results r
+    WHERE r.snapshot_id = %(id)s AND r.session_id = sid
+)
+ORDER BY sid;
+
+-- name: batch_retry_at
+UPDATE persistence_run_batches SET retry_at = %(retry_at)s, last_error = %(error)s
+WHERE snapshot_id = %(id)s AND batch_no = %(batch_no)s;
+
+-- name: unfinished_batches
+-- Batches with a session that has no result in the run yet.
+SELECT b.snapshot_id::text AS run_id, b.batch_no, b.shard, b.session_ids::text[] AS session_ids,
+       b.dispatched_at, b.dispatches, b.started_at, b.starts, b.retry_at, b.last_error
+FROM persistence_run_batches b
+WHERE b.snapshot_id = %(id)s
+  AND EXISTS (
+      SELECT 1 FROM unnest(b.session_ids) AS sid
+      WHERE NOT EXISTS (
+          SELECT 1 FROM persistence_session_results r
+          WHERE r.snapshot_id = b.snapshot_id AND r.session_id = sid
+      )
+  )
+ORDER BY b.batch_no;
+
+-- name: batch_redispatched
+UPDATE persistence_run_batches SET dispatched_at = now(), dispatches = dispatches + 1
+WHERE snapshot_id = %(id)s AND batch_no = %(batch_no)s;
+
+-- name: running_runs
+SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+FROM persistence_snapshots
+WHERE status = 'running'
+ORDER BY created_at;
+
+-- name: reported_sessions
+SELECT count(*) AS reported FROM persistence_session_results WHERE snapshot_id = %(id)s;
+
+-- name: sessions_without_result
+SELECT sid::text AS session_id
+FROM unnest(%(ids)s::uuid[]) AS sid
+WHERE NOT EXISTS (
+    SELECT 1 FROM persistence_session_results r
+    WHERE r.snapshot_id = %(id)s AND r.session_id = sid
+)
+ORDER BY sid;

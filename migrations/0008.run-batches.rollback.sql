@@ -1,0 +1,1 @@
+DROP TABLE persistence_run_batches;
