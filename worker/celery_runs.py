@@ -91,6 +91,13 @@ def session_run(
     """
     sid = parse_session_id(session_id)
     run_id = run_id or task.request.id
+    try:
+        return _session_run(task, options, sid, run_id)
+    except TransientError as exc:
+        retry_later(task, exc, run_id, 0)
+
+
+def _session_run(task: Task, options: RunOptions, sid: str, run_id: str) -> dict[str, Any]:
     with (
         process.task_services(worker_name(task)) as services,
         runs.owning(services.pg, runs.owner_key(run_id, 0)) as mine,
@@ -100,16 +107,13 @@ def session_run(
         recorded = services.pg.get_run(run_id)
         if recorded is not None and recorded.done:
             return _session_answer(services, recorded, sid)
-        try:
-            started = runs.start(
-                services, options, session_ids=[sid], run_id=run_id, details=run_details(task)
-            )
-            if started.created:
-                runs.hand_out(services, run_id, [runs.Batch(services.shard(sid), [sid])])
-            if services.pg.begin_batch(run_id, 0):
-                runs.run_batch(services, options, run_id, [sid], explicit=True)
-        except TransientError as exc:
-            retry_later(task, exc, run_id, 0)
+        started = runs.start(
+            services, options, session_ids=[sid], run_id=run_id, details=run_details(task)
+        )
+        if started.created:
+            runs.hand_out(services, run_id, [runs.Batch(services.shard(sid), [sid])])
+        if services.pg.begin_batch(run_id, 0):
+            runs.run_batch(services, options, run_id, [sid], explicit=True)
         run = runs.finish(services, run_id)
         return _session_answer(services, run, sid)
 
@@ -172,14 +176,14 @@ def handed_out_batch(
     task: Task, kind: RunKind, run_id: str, shard: int, batch_no: int, options: dict[str, Any]
 ) -> dict[str, Any]:
     """A batch task: work on the recorded batch; finish the run if it was the last."""
-    with process.task_services(worker_name(task)) as services:
-        try:
+    try:
+        with process.task_services(worker_name(task)) as services:
             results = runs.run_handed_out_batch(
                 services, runs.options_for(kind, options), run_id, batch_no
             )
-        except TransientError as exc:
-            retry_later(task, exc, run_id, batch_no)
-        runs.finish_if_complete(services.pg, run_id)
+            runs.finish_if_complete(services.pg, run_id)
+    except TransientError as exc:
+        retry_later(task, exc, run_id, batch_no)
     if results is None:
         return {**batch_summary(shard, []), "note": "another copy of this batch is at work"}
     return batch_summary(shard, results)
@@ -239,20 +243,23 @@ def fail_batch_quietly(run_id: str, batch_no: int, error: str) -> None:
 
 
 def supervise_runs(pg: PostgresStore, worker: str) -> supervise.Review:
-    """Review the running runs and send again what is orphaned or lost."""
+    """Review the running runs and send again what is orphaned or lost; what was done.
+
+    The review's ``resend`` holds only the batches actually sent: a lost one
+    whose queue still holds messages may be waiting there, and is left.
+    """
     review = supervise.review_runs(pg, worker=worker)
+    sent = []
     for resend in review.resend:
         queue = shard_queue(pg.settings, resend.batch.shard)
         if resend.only_if_queue_empty and queue_depth(queue) != 0:
             continue  # it may be waiting there still
         _send_again(resend)
         pg.batch_redispatched(resend.run.id, resend.batch.batch_no)
-        log.warning(
-            "run %s: batch %s sent again: %s", resend.run.id, resend.batch.batch_no, resend.why
-        )
+        sent.append(resend)
+    review.resend = sent
     for line in supervise.describe(review):
-        if "sending again" not in line:
-            log.warning("%s", line)
+        log.warning("%s", line)
     return review
 
 
@@ -271,10 +278,18 @@ def _send_again(resend: supervise.Resend) -> None:
 
 
 def queue_depth(name: str) -> int | None:
-    """Messages ready in a queue (Redis or RabbitMQ); None when it cannot be told."""
+    """Messages ready in a queue (Redis or RabbitMQ); None when it cannot be told.
+
+    A queue the broker does not know holds nothing: on Redis an empty queue
+    is no key at all, and a broker restarted without its data knows none.
+    """
     try:
         with app.connection_for_read() as conn:
-            return int(conn.default_channel.queue_declare(queue=name, passive=True).message_count)
+            try:
+                declared = conn.default_channel.queue_declare(queue=name, passive=True)
+            except conn.channel_errors:
+                return 0
+            return int(declared.message_count)
     except Exception:  # noqa: BLE001 - an unknown depth is treated as "not empty"
         return None
 

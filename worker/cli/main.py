@@ -86,17 +86,8 @@ def run(argv: list[str] | None = None) -> int:
     debug = os.environ.get("DND_DEBUG") == "1"
     try:
         result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.Abort:
-        _error("aborted")
-        return exit_codes.INTERRUPTED
-    except click.UsageError as exc:
-        exc.show()
-        return exit_codes.USAGE
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except (click.exceptions.Exit, click.Abort, click.ClickException) as exc:
+        return _click_status(exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         return _interrupted(exc)
     except DndError as exc:
@@ -110,6 +101,20 @@ def run(argv: list[str] | None = None) -> int:
         _error(f"unexpected {type(exc).__name__}: {exc} (DND_DEBUG=1 shows the traceback)")
         return exit_codes.FAILURE
     return result if isinstance(result, int) else exit_codes.OK
+
+
+def _click_status(exc: click.exceptions.Exit | click.Abort | click.ClickException) -> int:
+    """The exit status of what click raised (and printed, for its own errors)."""
+    if isinstance(exc, click.exceptions.Exit):
+        return exc.exit_code
+    if isinstance(exc, click.Abort):
+        # Click turns Ctrl-C (and so our SIGTERM) into Abort.
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            return _interrupted(exc.__cause__)
+        _error("aborted")
+        return exit_codes.INTERRUPTED
+    exc.show()
+    return exit_codes.USAGE if isinstance(exc, click.UsageError) else exc.exit_code
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
