@@ -48,9 +48,26 @@ def shard_queue(settings: Settings, shard: int) -> str:
 
 
 def all_queues(settings: Settings) -> list[str]:
+    """The queues our own tasks are sent to: each needs a consumer (the CLI checks)."""
     return [default_queue(settings)] + [
         shard_queue(settings, n) for n in range(settings.backup_shards)
     ]
+
+
+def producer_queues(settings: Settings) -> list[str]:
+    """Queues producers in other languages send to (CELERY_PRODUCER_QUEUES), not ours.
+
+    celery-node and gocelery send to Celery's default queue, `celery`. Nothing
+    of ours is sent there, so the CLI does not check for their consumers; a
+    name that is one of our queues already is consumed anyway.
+    """
+    ours = set(all_queues(settings))
+    return [name for name in settings.producer_queues if name not in ours]
+
+
+def consumed_queues(settings: Settings) -> list[str]:
+    """What `celery -A worker worker` consumes without -Q: ours, then the producers'."""
+    return all_queues(settings) + producer_queues(settings)
 
 
 def parse_schedule(text: str, variable: str) -> Any:
@@ -94,10 +111,16 @@ def schedule_period_s(text: str) -> float | None:
 
 def build_config(settings: Settings) -> dict[str, Any]:
     # Each queue has its own direct exchange and routing key: a message for
-    # shard 3 can only ever land in shard 3's queue.
+    # shard 3 can only ever land in shard 3's queue. A producer queue is
+    # declared the same way, as Celery declares its default queue `celery`
+    # (durable, not auto-deleted, no arguments), so that RabbitMQ accepts it
+    # from celery-node and gocelery too: they declare it so and publish to the
+    # default exchange with the queue's name as routing key. A task arriving
+    # there, or on another shard's queue, is still safe: every per-session
+    # task takes the session's lock in PostgreSQL.
     queues = [
         Queue(name, Exchange(name, type="direct"), routing_key=name, durable=True)
-        for name in all_queues(settings)
+        for name in consumed_queues(settings)
     ]
     transport_options: dict[str, Any] = {
         # Redis broker: a task taken but not acknowledged (acks_late) is handed

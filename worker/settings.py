@@ -72,6 +72,9 @@ class Settings:
     queue_prefix: str = "dnd."
     # Prefix of every key Celery writes in a Redis broker / result store.
     celery_key_prefix: str = ""
+    # Queues that producers in other languages send to (celery-node, gocelery:
+    # Celery's default queue, `celery`): workers consume them too. () = none.
+    producer_queues: tuple[str, ...] = ("celery",)
     # Retries of a task that met a transient error (server down, lock held),
     # with exponential back-off capped at 2 minutes: 12 is about 15 minutes.
     task_max_retries: int = 12
@@ -137,6 +140,7 @@ class Settings:
             backup_shards=_int(env, "BACKUP_SHARDS", d.backup_shards, 1, 1024),
             queue_prefix=_name(env, "CELERY_QUEUE_PREFIX", d.queue_prefix),
             celery_key_prefix=_name(env, "CELERY_KEY_PREFIX", d.celery_key_prefix),
+            producer_queues=_queue_names(env, "CELERY_PRODUCER_QUEUES", d.producer_queues),
             broker_visibility_timeout_s=_int(
                 env, "BROKER_VISIBILITY_TIMEOUT", d.broker_visibility_timeout_s, 5, 604_800
             ),
@@ -275,6 +279,26 @@ def _name(env: Mapping[str, str], name: str, default: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9_.:\-]*", value):
         raise ConfigError(f"{name} may hold only letters, digits and . _ : - (got {value!r})")
     return value
+
+
+def _queue_names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of queue names; unset: ``default``, empty: none."""
+    raw = env.get(name)
+    if raw is None:
+        return default
+    names: list[str] = []
+    for item in raw.split(","):
+        queue = item.strip()
+        if not queue or queue in names:
+            continue
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", queue):
+            raise ConfigError(
+                f"{name}: a queue name may hold only letters, digits and . _ : - (got {queue!r})"
+            )
+        if queue.startswith("amq."):
+            raise ConfigError(f"{name}: RabbitMQ reserves names starting with amq. (got {queue!r})")
+        names.append(queue)
+    return tuple(names)
 
 
 def _check_prefix(prefix: str) -> None:

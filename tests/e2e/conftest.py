@@ -46,6 +46,9 @@ def celery_env(
         "CELERY_RESULT_BACKEND": redis_server_url,
         "CELERY_QUEUE_PREFIX": f"t{tag}.",
         "CELERY_KEY_PREFIX": f"t{tag}:",
+        # Not Celery's default `celery`: on RabbitMQ that queue is shared by
+        # everything on the virtual host (tests/e2e/test_other_languages.py).
+        "CELERY_PRODUCER_QUEUES": f"t{tag}.celery",
         "BACKUP_SHARDS": "4",
         "BACKUP_BATCH_SESSIONS": "5",
         "BACKUP_SCHEDULE": "off",
@@ -53,13 +56,14 @@ def celery_env(
     yield celery
     delete_prefix(redis_server_url, f"t{tag}:")
     if broker_name == "amqp":
-        _delete_amqp_queues(broker_url, f"t{tag}.", int(celery["BACKUP_SHARDS"]))
+        shards = [f"t{tag}.shard.{n}" for n in range(int(celery["BACKUP_SHARDS"]))]
+        delete_amqp_queues(broker_url, [f"t{tag}.default", f"t{tag}.celery", *shards])
 
 
-def _delete_amqp_queues(url: str, prefix: str, shards: int) -> None:
+def delete_amqp_queues(url: str, names: list[str]) -> None:
+    """Delete these queues, and the exchanges of the same names, on RabbitMQ."""
     from kombu.connection import Connection
 
-    names = [f"{prefix}default"] + [f"{prefix}shard.{n}" for n in range(shards)]
     with Connection(url) as conn:
         channel = conn.default_channel
         for name in names:

@@ -80,9 +80,14 @@ def _code_defaults() -> dict[str, str]:
                 if isinstance(inner, ast.Constant) and re.fullmatch(
                     r"[A-Z][A-Z0-9_]+", str(inner.value)
                 ):
-                    found[str(inner.value)] = str(getattr(defaults, str(keyword.arg)))
+                    found[str(inner.value)] = _as_text(getattr(defaults, str(keyword.arg)))
     found["REDIS_KEY_PREFIX"] = defaults.redis_key_prefix
     return found
+
+
+def _as_text(value: Any) -> str:
+    """A default as the environment variable writes it (a list: comma-separated)."""
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def _variables_read() -> set[str]:

@@ -167,6 +167,34 @@ def test_a_rejected_url_error_never_shows_its_password(env):
     assert "hunter2" not in config_error(env)
 
 
+# -- CELERY_PRODUCER_QUEUES ----------------------------------------------------------------
+
+
+def test_producer_queues_default_to_celerys_default_queue():
+    assert Settings.from_env({}).producer_queues == ("celery",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", ()),  # empty: none (not the default)
+        (" , ", ()),
+        ("celery", ("celery",)),
+        (" go-app , celery,", ("go-app", "celery")),
+        ("celery,celery", ("celery",)),
+        ("t1.celery:x_y-z", ("t1.celery:x_y-z",)),
+    ],
+)
+def test_producer_queues_are_a_comma_separated_list(value, expected):
+    assert Settings.from_env({"CELERY_PRODUCER_QUEUES": value}).producer_queues == expected
+
+
+@pytest.mark.parametrize("value", ["cel ery", "celery,go*", "queue/1", "amq.celery", "é"])
+def test_a_bad_producer_queue_name_is_refused_naming_the_variable(value):
+    message = config_error({"CELERY_PRODUCER_QUEUES": value})
+    assert "CELERY_PRODUCER_QUEUES" in message
+
+
 # -- DATABASE_URL and the POSTGRES_* variables -------------------------------------------
 
 

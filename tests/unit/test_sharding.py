@@ -6,8 +6,16 @@ from collections import Counter
 
 import pytest
 
-from worker.celery_config import all_queues, default_queue, shard_queue
-from worker.settings import Settings
+from worker.celery_config import (
+    all_queues,
+    build_config,
+    consumed_queues,
+    default_queue,
+    producer_queues,
+    route_task,
+    shard_queue,
+)
+from worker.settings import Settings, get_settings
 from worker.sharding import shard_of
 
 # Computed once from the current algorithm. A change of algorithm would send
@@ -110,3 +118,53 @@ def test_every_shard_of_a_session_has_a_queue():
     queues = all_queues(settings)
     for session_id, _, _ in PINNED:
         assert shard_queue(settings, shard_of(session_id, settings.backup_shards)) in queues
+
+
+# -- queues of producers in other languages (CELERY_PRODUCER_QUEUES) ----------------------
+
+
+def test_workers_also_consume_celerys_default_queue():
+    settings = Settings.from_env({"BACKUP_SHARDS": "4"})
+    assert producer_queues(settings) == ["celery"]
+    assert consumed_queues(settings) == [*all_queues(settings), "celery"]
+    names = [queue.name for queue in build_config(settings)["task_queues"]]
+    assert names == consumed_queues(settings)
+
+
+def test_a_producer_queue_is_declared_as_celery_node_and_gocelery_declare_it():
+    # They declare it durable, not auto-deleted, with no arguments (RabbitMQ
+    # refuses a second declaration that differs), and publish to the default
+    # exchange with the queue's name as routing key; Python producers use a
+    # direct exchange named like the queue, as Celery's own default queue.
+    [queue] = [q for q in build_config(Settings())["task_queues"] if q.name == "celery"]
+    assert (queue.durable, queue.auto_delete, queue.exclusive) == (True, False, False)
+    assert not queue.queue_arguments
+    assert (queue.exchange.name, queue.exchange.type, queue.routing_key) == (
+        "celery",
+        "direct",
+        "celery",
+    )
+
+
+def test_no_producer_queue_when_the_setting_is_empty():
+    settings = Settings.from_env({"CELERY_PRODUCER_QUEUES": ""})
+    assert producer_queues(settings) == []
+    assert [q.name for q in build_config(settings)["task_queues"]] == all_queues(settings)
+
+
+def test_a_producer_queue_that_is_one_of_ours_is_declared_once():
+    settings = Settings.from_env({"CELERY_PRODUCER_QUEUES": "dnd.shard.3,celery,go"})
+    assert producer_queues(settings) == ["celery", "go"]
+    names = [q.name for q in build_config(settings)["task_queues"]]
+    assert len(names) == len(set(names)) == len(all_queues(settings)) + 2
+
+
+def test_our_own_tasks_never_go_to_a_producer_queue():
+    # The CLI checks consumers of all_queues() only: what we send goes there.
+    settings = get_settings()  # what route_task reads
+    assert build_config(settings)["task_default_queue"] == default_queue(settings)
+    session_id = PINNED[0][0]
+    route = route_task("worker.tasks.backup_session", [session_id], {}, {})
+    assert route == {"queue": shard_queue(settings, shard_of(session_id, settings.backup_shards))}
+    assert route["queue"] in all_queues(settings)
+    assert route["queue"] not in producer_queues(settings)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.compose import dotenv
 from tests.deploy_checks import check_command, unknown_variables
-from worker.celery_config import all_queues, build_config
+from worker.celery_config import build_config, consumed_queues
 from worker.settings import Settings
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
@@ -148,5 +148,5 @@ def test_environment_files_are_valid_settings():
     build_config(settings)
     # The queues an instance is told to consume exist.
     queues = instance["CELERY_WORKER_QUEUES"].split(",")
-    assert set(queues) <= set(all_queues(settings))
+    assert set(queues) <= set(consumed_queues(settings))
     assert int(instance["CELERY_WORKER_CONCURRENCY"]) >= 1
