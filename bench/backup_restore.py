@@ -9,6 +9,8 @@ N x M messages in the contract layout, and measures, in this order:
   cold backup        `dnd-client backup --all --local` in a child process
                      (these two K times, each into an empty client_messages; best counts)
   unchanged backup   the same command again, nothing changed
+  full re-backup     `backup --all --full --local`: every message merged again (the
+                     path of late and edited messages)
   full restore       `dnd-client restore --all --local`, our Redis keys deleted first
   bare write (floor) the restored members, scores and hashes, built beforehand, written
                      again to another prefix with pipelined ZADDs of 5000 members
@@ -355,6 +357,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 figures["bare COPY (floor)"] = Phase(min(copies), total, runs=copies)
                 settle(conn)  # the last cold backup's rows, as the next phases find them
                 figures["unchanged backup"] = run_cli(["backup", "--all", "--local"], env, 0)
+                # Every message read again and merged through the staging tables: the
+                # path continuous backups take for late or edited messages.
+                figures["full re-backup"] = run_cli(
+                    ["backup", "--all", "--full", "--local"], env, 0
+                )
                 delete_prefix(r, keys.prefix)
                 settle(conn)
                 figures["full restore"] = run_cli(["restore", "--all", "--local"], env, total)
