@@ -108,6 +108,11 @@ class MessageChecksum:
         self.count += 1
         self.total = (self.total + digest) % MODULUS
 
+    def remove(self, digest: int) -> None:
+        """Undo an add of ``digest``."""
+        self.count -= 1
+        self.total = (self.total - digest) % MODULUS
+
     def merge(self, other: MessageChecksum) -> MessageChecksum:
         return MessageChecksum(self.count + other.count, (self.total + other.total) % MODULUS)
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import psycopg
 import psycopg.errors
@@ -159,6 +159,7 @@ class PostgresStore:
         self.conn = conn
         self.settings = settings
         self._merge_tables_ready = False
+        self._verify_table_ready = False
 
     # -- plumbing -----------------------------------------------------------
 
@@ -332,6 +333,51 @@ class PostgresStore:
         ):
             copy.set_types(["text", "text", "timestamptz", "text", "text", "text", "text"])
             yield from copy.rows()
+
+    # -- verify -------------------------------------------------------------
+
+    def prepare_verify(self) -> None:
+        """Create verify's scratch table, once per connection.
+
+        In a transaction of its own: verify's is read-only, and a read-only
+        transaction may write a temporary table but not create one.
+        """
+        if not self._verify_table_ready:
+            with self.conn.transaction():
+                self._execute("create_verify_tables", None)
+            self._verify_table_ready = True
+
+    def stage_redis_digests(self, rows: Sequence[tuple[str, int, bytes]]) -> None:
+        """Add (message ID, place in Redis, digest) rows for the session being verified."""
+        with self.conn.cursor() as cur, cur.copy(QUERIES["copy_verify_redis"]) as copy:
+            copy.set_types(["uuid", "int8", "bytea"])
+            for message_id, ordinal, digest in rows:
+                copy.write_row((uuid.UUID(message_id), ordinal, digest))
+
+    def staged_duplicates(self) -> list[tuple[str, bytes]]:
+        """Staged members whose ID an earlier member already had: (ID, digest)."""
+        with self.conn.cursor() as cur:
+            found = cur.execute(QUERIES["verify_redis_duplicates"]).fetchall()
+        return [(str(message_id), bytes(digest)) for message_id, digest in found]
+
+    def compare_staged(
+        self, session_id: str
+    ) -> Iterator[tuple[str | None, bytes | None, MessageRow | None]]:
+        """The staged Redis digests beside the stored messages, paired by ID (streamed)."""
+        with (
+            self.conn.cursor() as cur,
+            cur.copy(QUERIES["verify_compare"], {"id": session_id}) as copy,
+        ):
+            copy.set_types(
+                ["text", "bytea", "text", "text", "timestamptz", "text", "text", "text", "text"]
+            )
+            for record in copy.rows():
+                redis_id, digest, *stored = record
+                row = None if stored[0] is None else cast(MessageRow, tuple(stored))
+                yield redis_id, None if digest is None else bytes(digest), row
+
+    def clear_staged(self) -> None:
+        self._execute("clear_verify_redis", None)
 
     # -- restore ------------------------------------------------------------
 

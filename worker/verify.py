@@ -134,6 +134,7 @@ class VerifyEngine(Engine[VerifyOptions]):
 
     def _attempt(self, ids: list[str], *, quick: bool) -> list[SessionResult]:
         results = []
+        self.pg.prepare_verify()
         with self.pg.transaction(read_only=True):
             self.pg.lock_sessions(ids)
             probes = self.redis.probe(ids, {})
@@ -180,9 +181,9 @@ class VerifyEngine(Engine[VerifyOptions]):
             if not probe.exists:
                 return diff
         live = _live_session(sid, probe, diff)
-        redis_digests, redis_sum = self._redis_messages(sid, diff) if probe.exists else ({}, None)
+        self.pg.clear_staged()
+        redis_sum = self._stage_redis_messages(sid, diff) if probe.exists else None
         if stored is None:
-            diff.messages_in_redis = len(redis_digests)
             return diff
         if live is not None:
             diff.fields_differ = _differing_fields(live, stored)
@@ -190,41 +191,45 @@ class VerifyEngine(Engine[VerifyOptions]):
             diff.checked_by = "checksum"
             diff.messages_in_backup = recorded[0].count
             return diff
-        backup_sum = self._compare_backup_messages(sid, redis_digests, diff)
+        backup_sum = self._compare_backup_messages(sid, diff)
         if recorded is not None and recorded[0] != backup_sum:
             diff.backup_damaged = True
         return diff
 
-    def _compare_backup_messages(
-        self, sid: str, redis_digests: dict[str, int], diff: SessionDiff
-    ) -> MessageChecksum:
-        """Count what differs between the backup's messages and Redis's; the backup's sum."""
+    def _compare_backup_messages(self, sid: str, diff: SessionDiff) -> MessageChecksum:
+        """Count what differs between the backup's messages and Redis's; the backup's sum.
+
+        Paired by ID inside PostgreSQL (the Redis side was staged first), so
+        memory stays flat whatever the session's size.
+        """
         backup_sum = MessageChecksum()
-        seen: set[str] = set()
-        for row in self.pg.stream_message_rows([sid]):
+        for redis_id, redis_digest, row in self.pg.compare_staged(sid):
+            if row is None:
+                diff.missing_from_backup += 1
+                _example(diff, "missing_from_backup", redis_id)
+                continue
             digest = message_digest(row)
             backup_sum.add(digest)
-            message_id = row[0]
-            seen.add(message_id)
-            in_redis = redis_digests.get(message_id)
-            if in_redis is None:
+            if redis_digest is None:
                 diff.missing_from_redis += 1
-                _example(diff, "missing_from_redis", message_id)
-            elif in_redis != digest:
+                _example(diff, "missing_from_redis", row[0])
+            elif redis_digest != _digest_bytes(digest):
                 diff.different += 1
-                _example(diff, "different", message_id)
+                _example(diff, "different", row[0])
         diff.messages_in_backup = backup_sum.count
-        for message_id in redis_digests.keys() - seen:
-            diff.missing_from_backup += 1
-            _example(diff, "missing_from_backup", message_id)
         return backup_sum
 
-    def _redis_messages(
-        self, sid: str, diff: SessionDiff
-    ) -> tuple[dict[str, int], MessageChecksum]:
-        digests: dict[str, int] = {}
+    def _stage_redis_messages(self, sid: str, diff: SessionDiff) -> MessageChecksum:
+        """Stage the digests of the session's messages in Redis; their sum.
+
+        A page at a time into PostgreSQL (see PostgresStore.stage_redis_digests).
+        Members the backup cannot store, and members after the first with the
+        same ID (the backup keeps the first), count as kept aside.
+        """
         total = MessageChecksum()
+        ordinal = 0
         for page in self.redis.read_messages(sid, None, self.chunk):
+            staged: list[tuple[str, int, bytes]] = []
             for raw, _score in page:
                 try:
                     row, lossy = parse_message(sid, raw)
@@ -235,16 +240,21 @@ class VerifyEngine(Engine[VerifyOptions]):
                 if lossy:  # stored without its unknown keys, which were kept aside
                     diff.kept_aside += 1
                     _example(diff, "kept_aside", row[0])
-                if row[0] in digests:
-                    # Two members with one ID: the backup keeps the first.
-                    diff.kept_aside += 1
-                    _example(diff, "kept_aside", row[0])
-                    continue
                 digest = message_digest(row)
-                digests[row[0]] = digest
                 total.add(digest)
-        diff.messages_in_redis = len(digests)
-        return digests, total
+                ordinal += 1
+                staged.append((row[0], ordinal, _digest_bytes(digest)))
+            self.pg.stage_redis_digests(staged)
+        for message_id, duplicate in self.pg.staged_duplicates():
+            diff.kept_aside += 1
+            _example(diff, "kept_aside", message_id)
+            total.remove(int.from_bytes(duplicate, "big"))
+        diff.messages_in_redis = total.count
+        return total
+
+
+def _digest_bytes(digest: int) -> bytes:
+    return digest.to_bytes(16, "big")
 
 
 def _live_session(sid: str, probe: Probe, diff: SessionDiff) -> Session | None:

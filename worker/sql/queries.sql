@@ -387,6 +387,50 @@ COPY (
     WHERE session_id = ANY(%(ids)s::uuid[])
 ) TO STDOUT (FORMAT BINARY);
 
+-- name: create_verify_tables
+-- Verify's scratch table (see PostgresStore.stage_redis_digests): the digests of
+-- one session's messages as read from Redis, so that they are compared with the
+-- backup's inside PostgreSQL and verify's memory stays flat whatever the
+-- session's size. `ordinal` is the member's place in Redis (score order): of
+-- two members with one ID, the backup keeps the first.
+CREATE TEMPORARY TABLE IF NOT EXISTS verify_redis (
+    id uuid NOT NULL,
+    ordinal bigint NOT NULL,
+    digest bytea NOT NULL
+) ON COMMIT DELETE ROWS;
+CREATE INDEX IF NOT EXISTS verify_redis_id_idx ON verify_redis (id, ordinal);
+
+-- name: copy_verify_redis
+COPY verify_redis (id, ordinal, digest) FROM STDIN (FORMAT BINARY);
+
+-- name: verify_redis_duplicates
+-- Members staged after the first one with the same ID: the backup never stores them.
+SELECT message_id, digest
+FROM (
+    SELECT id::text AS message_id, digest,
+           row_number() OVER (PARTITION BY id ORDER BY ordinal) AS nth
+    FROM verify_redis
+) AS staged
+WHERE nth > 1
+ORDER BY message_id;
+
+-- name: verify_compare
+-- Every message of the session on either side, paired by ID: Redis's digest
+-- (NULL: not in Redis) beside the stored row (NULLs: not in the backup).
+COPY (
+    SELECT r.id::text, r.digest,
+           m.id::text, m.session_id::text, m.created_at, m.role, m.content,
+           m.tool_calls::text, m.player_id
+    FROM (SELECT DISTINCT ON (id) id, digest FROM verify_redis ORDER BY id, ordinal) AS r
+    FULL JOIN (SELECT * FROM client_messages WHERE session_id = %(id)s::uuid) AS m
+        ON m.id = r.id
+) TO STDOUT (FORMAT BINARY);
+
+-- name: clear_verify_redis
+-- DELETE, not TRUNCATE: verify's transaction is read-only, which allows writing
+-- a temporary table's rows but not TRUNCATE.
+DELETE FROM verify_redis;
+
 -- name: prune_runs
 -- Old run records go, with their per-session results (ON DELETE CASCADE).
 -- Never a running run; never the backed-up sessions and messages. `keep`
