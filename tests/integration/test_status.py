@@ -1,4 +1,4 @@
-"""`dnd-client status` and the metrics: the figures, from rows written as the watcher and drains would.
+"""`dnd-client status` and the metrics: figures from rows written as the watcher and drains would.
 
 The continuous watcher and drains (worker/watch.py, worker/continuous.py) write
 continuous_pending, continuous_watcher and continuous_activity; here the test
@@ -162,7 +162,8 @@ def test_workers_are_counted_on_our_queues_only(env, redis_server_url):
     app_down.conf.update(build_config(down))
     result = count_workers(app_down, down)
     assert result.count is None
-    assert result.error is not None and "cannot be reached" in result.error
+    assert result.error is not None
+    assert "cannot be reached" in result.error
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""worker.lag: the recovery point from the pending sessions, the watcher's heartbeat, full backups."""
+"""worker.lag: the recovery point from pending sessions, the watcher's heartbeat, full backups."""
 
 import math
 from datetime import UTC, datetime, timedelta

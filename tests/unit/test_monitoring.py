@@ -107,7 +107,9 @@ def test_every_dashboard_expr_is_valid_promql(tmp_path):
         "groups": [
             {
                 "name": "dashboard",
-                "rules": [{"record": f"dashboard:expr_{i}", "expr": e} for i, e in enumerate(exprs)],
+                "rules": [
+                    {"record": f"dashboard:expr_{i}", "expr": expr} for i, expr in enumerate(exprs)
+                ],
             }
         ]
     }

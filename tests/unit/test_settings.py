@@ -372,7 +372,7 @@ def test_the_repr_of_settings_never_shows_a_password():
 def test_continuous_and_metrics_defaults():
     s = Settings.from_env({})
     assert (s.continuous_backup, s.continuous_max_lag_s) == (True, 5.0)
-    assert (s.metrics_port, s.metrics_address) == (9808, "0.0.0.0")
+    assert (s.metrics_port, s.metrics_address) == (9808, "0.0.0.0")  # noqa: S104
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
-"""`dnd-client status` as people and programs read it, and the metrics it shares its figures with."""
+"""`dnd-client status` as people and programs read it, and the metrics sharing its figures."""
 
 import io
 import json
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
@@ -48,8 +49,8 @@ def full_run(finished_s_ago: float = 600) -> Run:
     )
 
 
-def figures(**changes) -> StatusFigures:
-    base = {
+def figures(**changes: Any) -> StatusFigures:
+    base: dict[str, Any] = {
         "now": NOW,
         "pending": [ShardPending(1, 4, ago(7.5))],
         "watcher": WatcherState("w1@host", ago(3600), ago(2), "on", ago(3), 12, 0.02),
@@ -183,8 +184,6 @@ def test_an_unbounded_lag_is_plus_inf():
 
 def test_every_exported_family_is_listed_in_metric_names():
     text = exposition(health())
-    exported = {
-        line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")
-    }
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     # Those the collector adds itself: the workers', the broker's, the database's.
     assert exported | {"dnd_workers_up", "dnd_broker_up", "dnd_database_up"} == set(METRIC_NAMES)
