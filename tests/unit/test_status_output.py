@@ -187,3 +187,30 @@ def test_every_exported_family_is_listed_in_metric_names():
     exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     # Those the collector adds itself: the workers', the broker's, the database's.
     assert exported | {"dnd_workers_up", "dnd_broker_up", "dnd_database_up"} == set(METRIC_NAMES)
+
+
+def test_the_dev_stack_lag_line():
+    from worker.devstack.lagline import lag_line
+
+    assert lag_line(health()) == (
+        "lag 7.5 s (target 5 s) ABOVE TARGET, 4 sessions waiting, "
+        "last full backup 10 min ago, beat alive, watcher alive"
+    )
+    calm = health(pending=[], beat_alive=False, last_full_backup=None)
+    assert lag_line(calm) == (
+        "lag 0.0 s (target 5 s), 0 sessions waiting, no full backup yet, "
+        "beat not running, watcher alive"
+    )
+
+
+def test_the_dev_stack_says_once_that_postgresql_cannot_be_read():
+    from worker.devstack.lagline import EVERY_S, LagReporter
+
+    said: list[str] = []
+    down = Settings.from_env({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"})
+    reporter = LagReporter(down, said.append)
+    reporter.tick(now=1000.0)
+    reporter.tick(now=1000.0 + EVERY_S / 2)  # not due
+    reporter.tick(now=1000.0 + EVERY_S)
+    assert len(said) == 1
+    assert said[0].startswith("status: cannot read PostgreSQL (cannot reach PostgreSQL")
