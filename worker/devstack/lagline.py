@@ -42,7 +42,7 @@ class LagReporter:
     def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
         self.settings = settings
         self.say = say
-        self.next_at = time.monotonic()
+        self.next_at = 0.0  # due at once
         self._failed = False
 
     def tick(self, now: float | None = None) -> None:
