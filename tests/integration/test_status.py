@@ -22,7 +22,7 @@ from worker import metrics
 from worker.celery_health import count_workers
 from worker.health import BEAT_KEY, Workers, assess, read_figures
 from worker.lag import WATCHER_STALE_AFTER_S
-from worker.pg_store import PostgresStore
+from worker.pg_store import OWNER_LOCK_CLASS, PostgresStore
 from worker.settings import Settings
 from worker.sharding import shard_of
 
@@ -215,3 +215,47 @@ def test_metrics_with_postgresql_down_say_so(env):
     assert metrics.serve(settings, lambda: Workers(None, "down"))
     figures = scrape(port)
     assert figures == {"dnd_database_up": 0, "dnd_workers_up": 0, "dnd_broker_up": 0}
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_beat_presence_holds_the_lock_warns_of_a_second_beat_and_reconnects(
+    settings, pg_conn, caplog, monkeypatch
+):
+    from worker import beat_presence
+
+    monkeypatch.setattr(beat_presence, "CHECK_INTERVAL_S", 0.2)
+    first = beat_presence.BeatPresence(settings)
+    second = beat_presence.BeatPresence(settings)
+    try:
+        first.start()
+        assert first.holding.wait(10)
+        assert read_figures(settings).beat_alive
+        second.start()
+        wait_until(lambda: "another beat holds the beat lock" in caplog.text)
+        assert not second.holding.is_set()
+        second.stop_event.set()
+        second.join(5)
+
+        # PostgreSQL drops the holder's connection: the lock goes with it, and
+        # the thread takes it again on a new connection.
+        pg_conn.execute(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid "
+            "AND l.objid = (hashtext(%s)::bigint & 4294967295)::oid "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (OWNER_LOCK_CLASS, BEAT_KEY),
+        )
+        wait_until(lambda: "PostgreSQL cannot be reached" in caplog.text)
+        wait_until(lambda: read_figures(settings).beat_alive)
+    finally:
+        for presence in (first, second):
+            presence.stop_event.set()
+        first.join(5)
+    assert not first.is_alive()
+    assert not read_figures(settings).beat_alive
