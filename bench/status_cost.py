@@ -42,9 +42,7 @@ def fill(url: str, pending: int, runs: int, kept: int, days: int) -> None:
             "FROM generate_series(1, %s) AS n",
             (pending,),
         )
-        conn.execute(
-            "INSERT INTO continuous_watcher (node, notifications) VALUES ('bench', 'on')"
-        )
+        conn.execute("INSERT INTO continuous_watcher (node, notifications) VALUES ('bench', 'on')")
         conn.execute(
             "INSERT INTO persistence_snapshots (id, kind, scope, status, created_at, finished_at) "
             "SELECT gen_random_uuid(), (ARRAY['backup','restore','verify'])[1 + n %% 3], "
