@@ -9,6 +9,7 @@ the real `celery -A worker beat` process make of them.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.request
@@ -56,7 +57,9 @@ def test_status_exits_non_zero_while_workers_are_stopped_and_writes_go_on(
     healthy = status(celery_env, "--max-lag", "5")
     assert healthy.returncode == 0, describe(healthy)
     assert "workers             1 alive" in healthy.stdout
-    assert "recovery point      0.0 s (target 5.0 s)" in healthy.stdout
+    # 0 s here; with the continuous watcher running in the worker, what it
+    # has seen and not yet drained (at most a few seconds).
+    assert re.search(r"^recovery point      \d\.\d s \(target 5\.0 s\)$", healthy.stdout, re.M)
 
     worker.stop()
     # Writes go on: the application appends to a session; the watcher saw it
@@ -73,7 +76,7 @@ def test_status_exits_non_zero_while_workers_are_stopped_and_writes_go_on(
     assert payload["lag_exceeded"] is True
     assert payload["recovery_point_s"] >= 20
     assert payload["workers"]["alive"] == 0
-    assert payload["pending_sessions"] == 1
+    assert payload["pending_sessions"] >= 1
     assert payload["continuous"]["watcher_alive"] is False
     assert payload["last_full_backup"]["sessions"] == 3
 
