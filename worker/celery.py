@@ -33,3 +33,17 @@ def _open_after_fork(**_: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _close_on_exit(**_: Any) -> None:
     process.close()
+
+
+@signals.beat_init.connect
+def _beat_started(**_: Any) -> None:
+    # Beat says it is alive (an owner lock in PostgreSQL) and serves the
+    # Prometheus metrics on METRICS_PORT: see worker/beat_presence.py.
+    from worker import beat_presence, celery_health, metrics
+
+    settings = get_settings()
+
+    def serve(config: Any) -> bool:
+        return metrics.serve(config, lambda: celery_health.count_workers(app, config))
+
+    beat_presence.start(settings, serve)

@@ -28,6 +28,8 @@ TIMEOUT = 9
 BUSY = 10
 # verify: Redis and the backup differ (details on stdout).
 DIFFERENCES = 11
+# status: the recovery point is above --max-lag (CONTINUOUS_MAX_LAG): a probe's "unhealthy".
+LAG_EXCEEDED = 12
 # Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
 # Asked to stop by SIGTERM (128 + SIGTERM): a deploy, `kill`, a container stop.

@@ -273,3 +273,66 @@ class RunTotals:
         if self.kept:
             return RunStatus.PARTIAL
         return RunStatus.COMPLETED
+
+
+# -- what `dnd-client status` and the metrics read --------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPending:
+    """Sessions of one shard changed in Redis and not yet backed up (continuous_pending)."""
+
+    shard: int
+    sessions: int
+    oldest_change: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherState:
+    """The continuous watcher's row (continuous_watcher): who watches, and how lately."""
+
+    node: str
+    started_at: datetime
+    heartbeat_at: datetime
+    # Keyspace notifications: 'on', 'enabled' (the watcher set them), 'off' (refused).
+    notifications: str
+    last_sweep_at: datetime | None
+    last_sweep_sessions: int | None
+    last_sweep_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardActivity:
+    """What continuous backups of one shard did, summed over continuous_activity."""
+
+    shard: int
+    backups: int
+    sessions: int
+    messages: int
+    kept_records: int
+    failures: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunCount:
+    """How many runs of a kind are recorded with a status."""
+
+    kind: str
+    status: str
+    runs: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatusFigures:
+    """Everything PostgreSQL knows about the deployment's health, read at one moment."""
+
+    now: datetime
+    pending: list[ShardPending]
+    watcher: WatcherState | None
+    activity: list[ShardActivity]
+    run_counts: list[RunCount]
+    running: list[Run]
+    last_full_backup: Run | None
+    open_kept_records: int
+    # Whether beat holds its presence lock (worker/beat_presence.py).
+    beat_alive: bool

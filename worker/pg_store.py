@@ -34,8 +34,13 @@ from worker.models import (
     MessageRow,
     Run,
     RunBatch,
+    RunCount,
     Session,
     SessionResult,
+    ShardActivity,
+    ShardPending,
+    StatusFigures,
+    WatcherState,
     Watermark,
 )
 from worker.settings import Settings
@@ -75,6 +80,11 @@ RUN_RESULTS = Rows("run_results", SessionResult)
 RUNNING_RUNS = Rows("running_runs", Run)
 BATCH = Rows("batch", RunBatch)
 UNFINISHED_BATCHES = Rows("unfinished_batches", RunBatch)
+PENDING = Rows("status_pending", ShardPending)
+WATCHER = Rows("status_watcher", WatcherState)
+ACTIVITY = Rows("status_activity", ShardActivity)
+RUN_COUNTS = Rows("status_run_counts", RunCount)
+LAST_FULL_BACKUP = Rows("last_full_backup", Run)
 
 # The class of every owner lock (pg_advisory_lock's first key): "dnd" + 1.
 OWNER_LOCK_CLASS = 1684956268
@@ -555,6 +565,29 @@ class PostgresStore:
             return set()
         params = {"class": OWNER_LOCK_CLASS, "keys": list(keys)}
         return set(self._rows("live_owners", params, scalar_row))
+
+    # -- status: what `dnd-client status` and the metrics show ---------------
+
+    def status_figures(self, beat_key: str) -> StatusFigures:
+        """The deployment's figures, in one read-only transaction (one snapshot).
+
+        ``beat_key``: the owner lock beat holds while it runs.
+        """
+        with self.transaction(read_only=True):
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            [now] = self._rows("status_now", None, scalar_row)
+            [open_kept] = self._rows("open_kept_records", None, scalar_row)
+            return StatusFigures(
+                now=now,
+                pending=self._fetch(PENDING, None),
+                watcher=self._fetch_one(WATCHER, None),
+                activity=self._fetch(ACTIVITY, None),
+                run_counts=self._fetch(RUN_COUNTS, None),
+                running=self.running_runs(),
+                last_full_backup=self._fetch_one(LAST_FULL_BACKUP, None),
+                open_kept_records=int(open_kept),
+                beat_alive=bool(self.live_owners([beat_key])),
+            )
 
     # -- batches of runs on the workers --------------------------------------
 

@@ -24,6 +24,9 @@ DEFAULT_KEY_PREFIX = "dnd:"
 DEFAULT_BROKER_URL = "redis://localhost:6379/1"
 DEFAULT_RESULT_BACKEND = "redis://localhost:6379/2"
 DEFAULT_BACKUP_SCHEDULE = "0 * * * *"
+# Where beat serves the Prometheus metrics (docs/operations.md, "Monitoring").
+# 9808 is not among the ports the Prometheus wiki lists as taken by exporters.
+DEFAULT_METRICS_PORT = 9808
 # libpq also takes the password as a URL query parameter: ...?password=secret
 _QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)([^&]*)")
 
@@ -92,6 +95,18 @@ class Settings:
     result_expires_s: int = 86_400
     beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
 
+    # -- continuous protection and monitoring -------------------------------
+    # Back up changed sessions within seconds (worker/watch.py); off: only
+    # the scheduled backups run.
+    continuous_backup: bool = True
+    # The recovery point to hold: `dnd-client status` exits non-zero above it,
+    # and the alert in deploy/prometheus/alerts.yml fires above it.
+    continuous_max_lag_s: float = 5.0
+    # Beat serves the Prometheus metrics on this port (0: it does not).
+    metrics_port: int = DEFAULT_METRICS_PORT
+    # ...on this address: every interface, so that Prometheus can reach it.
+    metrics_address: str = "0.0.0.0"  # noqa: S104 - metrics carry no secret
+
     def __repr__(self) -> str:
         # Settings end up in logs and tracebacks: never with a password in them.
         fields = []
@@ -153,6 +168,12 @@ class Settings:
             stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 10, 604_800),
             supervise_interval_s=_int(env, "SUPERVISE_INTERVAL", d.supervise_interval_s, 1, 3600),
             result_expires_s=_int(env, "CELERY_RESULT_EXPIRES", d.result_expires_s, 60, 2_592_000),
+            continuous_backup=_bool(env, "CONTINUOUS_BACKUP", d.continuous_backup),
+            continuous_max_lag_s=_float(
+                env, "CONTINUOUS_MAX_LAG", d.continuous_max_lag_s, 0.1, 86_400
+            ),
+            metrics_port=_int(env, "METRICS_PORT", d.metrics_port, 0, 65535),
+            metrics_address=env.get("METRICS_ADDRESS", "").strip() or d.metrics_address,
         )
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
             raise ConfigError(
@@ -272,6 +293,34 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
     return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds (got {raw!r})") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ConfigError(f"{name} must be between {low:g} and {high:g} (got {raw})")
+    return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (or true/false, yes/no, on/off; got {raw!r})")
 
 
 def _name(env: Mapping[str, str], name: str, default: str) -> str:

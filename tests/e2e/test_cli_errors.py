@@ -122,6 +122,7 @@ def test_a_session_id_that_is_not_a_uuid_touches_nothing(
         ["backup", "list"],
         ["kept", "list"],
         ["migrate", "up"],
+        ["status", "--no-workers"],
     ],
     ids=" ".join,
 )
@@ -173,6 +174,11 @@ def test_commands_that_only_read_postgresql_work_without_redis(env):
     for args in (["backup", "list"], ["kept", "list"], ["migrate", "status"]):
         done = cli({**env, "REDIS_URL": NOWHERE["REDIS_URL"]}, *args)
         assert done.returncode == OK, describe(done)
+    # status reads PostgreSQL only (a broker for the workers' count; not asked here).
+    # Nothing was ever backed up: the recovery point is unbounded, above any --max-lag.
+    done = cli({**env, "REDIS_URL": NOWHERE["REDIS_URL"]}, "status", "--no-workers")
+    assert done.returncode == 12, describe(done)
+    assert done.stdout.startswith("recovery point      unbounded (target 5.0 s)"), done.stdout
 
 
 def test_no_worker_listening_exits_6_and_suggests_local(env, redis_server_url, key_prefix):
@@ -251,6 +257,7 @@ def test_an_empty_database_says_migrate_up(
         ["backup", "show", MISSING_ID],
         ["kept", "list"],
         ["kept", "resolve", "1"],
+        ["status", "--no-workers"],
     ):
         done = cli(env, *args)
         assert done.returncode == SCHEMA, describe(done)

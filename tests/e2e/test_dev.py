@@ -402,3 +402,45 @@ def test_leftovers_are_stopped_by_pid_and_start_time(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_dev_serves_the_metrics_and_shows_the_lag(tmp_path, celery_env):
+    """Beat in the stack serves /metrics; the stack's status line shows the lag."""
+    port = free_port()
+    dev = Dev(
+        tmp_path,
+        celery_env,
+        "--output",
+        "json",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--no-flower",
+        "--metrics-port",
+        str(port),
+    )
+    try:
+        dev.wait_ready()
+        block = json.loads(dev.stdout().split(READY_LINE)[0])
+        assert block["metrics"] == f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(block["metrics"], timeout=15) as answer:  # noqa: S310
+                    text = answer.read().decode()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, dev.dump()
+                time.sleep(0.3)
+        assert 'dnd_recovery_point_seconds{shard="0"}' in text
+        assert "dnd_database_up 1.0" in text
+        # The first lag line comes as soon as the stack is up. Nothing was
+        # ever backed up: no bound on the lag yet.
+        while "dnd-client dev: lag " not in dev.stderr():
+            assert time.monotonic() < deadline, dev.dump()
+            time.sleep(0.3)
+        [line] = [x for x in dev.stderr().splitlines() if x.startswith("dnd-client dev: lag ")]
+        assert "lag unbounded (no full backup yet) (target 5 s) ABOVE TARGET" in line
+        assert "0 sessions waiting" in line
+        assert dev.stop(signal.SIGINT) == 0, dev.dump()
+    finally:
+        dev.kill_if_running()

@@ -87,6 +87,10 @@ def _code_defaults() -> dict[str, str]:
 
 def _as_text(value: Any) -> str:
     """A default as the environment variable writes it (a list: comma-separated)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 

@@ -42,12 +42,12 @@ LAYERS: tuple[tuple[str, str], ...] = (
     (
         "bottom",
         "__init__ errors exit_codes settings keys models records checksums sharding sql "
-        "flower_guard",
+        "flower_guard lag",
     ),
     ("stores", "connections pg_store redis_store migrate"),
     ("engines", "engine backup_plan backup restore verify"),
-    ("runs", "services runner runs supervise process drill"),
-    ("celery", "celery_config celery celery_runs tasks"),
+    ("runs", "services runner runs supervise process drill health metrics beat_presence"),
+    ("celery", "celery_config celery celery_runs tasks celery_health"),
     ("devstack", "devstack"),
     ("cli", "cli __main__"),
 )

@@ -367,3 +367,26 @@ def test_the_repr_of_settings_never_shows_a_password():
     assert "pg-pw" not in text
     assert "redis-pw" not in text
     assert "cache" in text
+
+
+def test_continuous_and_metrics_defaults():
+    s = Settings.from_env({})
+    assert (s.continuous_backup, s.continuous_max_lag_s) == (True, 5.0)
+    assert (s.metrics_port, s.metrics_address) == (9808, "0.0.0.0")  # noqa: S104
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("0", False), ("off", False), ("No", False), ("1", True), ("true", True)]
+)
+def test_continuous_backup_reads_a_boolean(raw, value):
+    assert Settings.from_env({"CONTINUOUS_BACKUP": raw}).continuous_backup is value
+
+
+def test_continuous_settings_refuse_bad_values():
+    assert "CONTINUOUS_BACKUP must be 1 or 0" in config_error({"CONTINUOUS_BACKUP": "maybe"})
+    assert "CONTINUOUS_MAX_LAG must be a number" in config_error({"CONTINUOUS_MAX_LAG": "5s"})
+    assert "CONTINUOUS_MAX_LAG must be between" in config_error({"CONTINUOUS_MAX_LAG": "nan"})
+    assert "CONTINUOUS_MAX_LAG must be between" in config_error({"CONTINUOUS_MAX_LAG": "0"})
+    assert "METRICS_PORT must be between 0 and 65535" in config_error({"METRICS_PORT": "70000"})
+    assert Settings.from_env({"CONTINUOUS_MAX_LAG": "2.5"}).continuous_max_lag_s == 2.5
+    assert Settings.from_env({"METRICS_PORT": "0"}).metrics_port == 0

@@ -45,6 +45,16 @@ _PORT = click.IntRange(1, 65535)
 )
 @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
 @click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    default=None,
+    envvar="METRICS_PORT",
+    show_envvar=True,
+    help="Port on 127.0.0.1 where beat serves the Prometheus metrics; 0: none "
+    "[default: the one this data dir used last, else 9808, else any free port].",
+)
+@click.option(
     "--no-beat",
     is_flag=True,
     help=f"Do not start beat (it runs a full backup on BACKUP_SCHEDULE; here "
@@ -95,6 +105,7 @@ def dev(
     demo: int,
     flower_port: int,
     no_flower: bool,
+    metrics_port: int | None,
     no_beat: bool,
     concurrency: int,
     redis_port: int | None,
@@ -126,6 +137,7 @@ def dev(
         concurrency=concurrency,
         beat=not no_beat,
         flower=not no_flower,
+        metrics_port=metrics_port,
         stop_timeout=stop_timeout,
         output=output,
     )

@@ -18,6 +18,7 @@ from worker.cli.dev_cmd import dev
 from worker.cli.kept_cmd import kept
 from worker.cli.migrate_cmd import migrate
 from worker.cli.runs_cmd import backup, restore
+from worker.cli.status_cmd import status
 from worker.cli.verify_cmd import verify
 from worker.errors import (
     ConfigError,
@@ -52,8 +53,9 @@ def cli() -> None:
     Exit status: 0 ok, 1 unexpected error, 2 bad argument, 3 partial (records
     kept aside), 4 run failed, 5 server unreachable, 6 no worker, 7 bad
     setting, 8 schema not migrated, 9 timed out waiting, 10 another full run
-    of this kind is running (--local), 11 verify found differences, 130
-    interrupted (Ctrl-C), 143 terminated (SIGTERM).
+    of this kind is running (--local), 11 verify found differences, 12
+    status: recovery point above --max-lag, 130 interrupted (Ctrl-C), 143
+    terminated (SIGTERM).
     """
 
 
@@ -62,6 +64,7 @@ cli.add_command(backup)
 cli.add_command(restore)
 cli.add_command(kept)
 cli.add_command(verify)
+cli.add_command(status)
 cli.add_command(dev)
 
 

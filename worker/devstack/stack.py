@@ -46,10 +46,10 @@ from worker.devstack.processes import (
 from worker.devstack.servers import HOST, EmbeddedPostgres, EmbeddedRedis
 from worker.errors import ConfigError
 from worker.flower_guard import auth_problem
-from worker.settings import Settings, redact_url
+from worker.settings import DEFAULT_METRICS_PORT, Settings, redact_url
 
-# The embedded servers' ports, by their key in the data dir's state file.
-DEFAULT_PORTS = {"redis_port": 16379, "postgres_port": 15432}
+# The embedded servers' ports and beat's metrics port, by their key in the data dir's state file.
+DEFAULT_PORTS = {"redis_port": 16379, "postgres_port": 15432, "metrics_port": DEFAULT_METRICS_PORT}
 # The Redis URLs the embedded server can stand in for, and the database index of each.
 REDIS_DATABASES = {"REDIS_URL": 0, "CELERY_BROKER_URL": 1, "CELERY_RESULT_BACKEND": 2}
 REDIS_LABELS = {
@@ -81,6 +81,9 @@ class Options:
     flower: bool = True
     stop_timeout: float = 30.0
     start_timeout: float = 90.0
+    # Beat's metrics port (METRICS_PORT): None: the one used last, else 9808,
+    # else any free one; 0: no metrics.
+    metrics_port: int | None = None
     output: str = "table"  # "json": the ready block as one JSON object on stdout
 
 
@@ -155,6 +158,8 @@ class DevStack:
         self.data = DataDir(options.data_dir.expanduser().resolve())
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
+        self.metrics_port = 0
+        self.settings: Settings | None = None
 
     # -- the whole run ----------------------------------------------------------
 
@@ -180,7 +185,7 @@ class DevStack:
         flower_auth = self._flower_auth()
         self._check_flower_port()
         child_env = self._child_env(flower_auth)
-        settings = _checked_settings(child_env)
+        settings = self.settings = _checked_settings(child_env)
         if not (self._start_redis(supervisor, stop) and self._start_postgres(supervisor, stop)):
             return False
         self._migrate(settings)
@@ -278,11 +283,21 @@ class DevStack:
             )
             self.postgres = EmbeddedPostgres(self.data.postgres, port)
             env["DATABASE_URL"] = self.postgres.url()
-        self.data.save_state(state)
         if not _given(env, "BACKUP_SCHEDULE"):
             env["BACKUP_SCHEDULE"] = DEV_BACKUP_SCHEDULE
         if not _given(env, "BEAT_SCHEDULE_FILE"):
             env["BEAT_SCHEDULE_FILE"] = str(self.data.beat_schedule)
+        if opts.beat and opts.metrics_port != 0:
+            # Beat serves the metrics (worker/beat_presence.py); here on 127.0.0.1.
+            self.metrics_port = self._port(
+                state, "metrics_port", "metrics", "--metrics-port", opts.metrics_port
+            )
+            env["METRICS_PORT"] = str(self.metrics_port)
+            if not _given(env, "METRICS_ADDRESS"):
+                env["METRICS_ADDRESS"] = HOST
+        else:
+            env["METRICS_PORT"] = "0"
+        self.data.save_state(state)
         # Always set, so Flower never starts without authentication.
         env["FLOWER_BASIC_AUTH"] = flower_auth
         env["PYTHONUNBUFFERED"] = "1"
@@ -417,6 +432,8 @@ class DevStack:
         rows.append(("worker", f"dev@{socket.gethostname()}", f"concurrency {opts.concurrency}"))
         if opts.beat:
             rows.append(("beat", f"BACKUP_SCHEDULE={env['BACKUP_SCHEDULE']}", ""))
+        if self.metrics_port:
+            rows.append(("metrics", self._metrics_url(), "Prometheus, served by beat"))
         return rows
 
     def _ready_json(self, env: Mapping[str, str], flower_auth: str) -> str:
@@ -431,6 +448,7 @@ class DevStack:
             "database": self._database_shown(env),
             "worker": {"name": f"dev@{socket.gethostname()}", "concurrency": opts.concurrency},
             "beat": {"schedule": env["BACKUP_SCHEDULE"]} if opts.beat else None,
+            "metrics": self._metrics_url() if self.metrics_port else None,
             # URLs given in the environment are not repeated: they are yours.
             "exports": self._exports(env),
         }
@@ -471,6 +489,9 @@ class DevStack:
             return f"embedded PostgreSQL {self.postgres.version}"
         return f"from {'DATABASE_URL' if _given(self.environ, 'DATABASE_URL') else 'POSTGRES_*'}"
 
+    def _metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
     def _flower_url(self) -> str:
         return f"http://{HOST}:{self.options.flower_port}/"
 
@@ -483,8 +504,13 @@ class DevStack:
 
     def _watch(self, supervisor: Supervisor, stop: StopRequest) -> int:
         """Relay deaths, restart Celery's processes; returns on a stop signal or a fatal death."""
+        from worker.devstack.lagline import LagReporter
+
+        assert self.settings is not None  # set by _start
+        lag = LagReporter(self.settings, self.say)
         while not stop.requested.wait(0.5):
             now = time.monotonic()
+            lag.tick(now)
             for child in list(supervisor.children.values()):
                 if child.restart_at is not None:
                     if now >= child.restart_at:

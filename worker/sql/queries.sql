@@ -550,3 +550,48 @@ WHERE NOT EXISTS (
     WHERE r.snapshot_id = %(id)s AND r.session_id = sid
 )
 ORDER BY sid;
+
+-- name: status_now
+-- The database's clock: every age in `dnd-client status` and the metrics is
+-- measured against it, as the timestamps it compares are written by it.
+SELECT clock_timestamp() AS now;
+
+-- name: status_pending
+-- Sessions changed in Redis and not yet backed up, per shard, and the oldest change.
+SELECT shard, count(*) AS sessions, min(changed_at) AS oldest_change
+FROM continuous_pending
+GROUP BY shard
+ORDER BY shard;
+
+-- name: status_watcher
+SELECT node, started_at, heartbeat_at, notifications, last_sweep_at, last_sweep_sessions,
+       last_sweep_seconds
+FROM continuous_watcher;
+
+-- name: status_activity
+-- What continuous backups did, per shard, since the rows began.
+SELECT shard, sum(backups)::bigint AS backups, sum(sessions)::bigint AS sessions,
+       sum(messages)::bigint AS messages, sum(kept_records)::bigint AS kept_records,
+       sum(failures)::bigint AS failures
+FROM continuous_activity
+GROUP BY shard
+ORDER BY shard;
+
+-- name: status_run_counts
+SELECT kind, status, count(*) AS runs
+FROM persistence_snapshots
+GROUP BY kind, status
+ORDER BY kind, status;
+
+-- name: last_full_backup
+-- The last backup over every session that completed (partial: it completed,
+-- with records kept aside). The newest first by start, as the index reads.
+SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+FROM persistence_snapshots
+WHERE kind = 'backup' AND scope = 'all' AND status IN ('completed', 'partial')
+ORDER BY created_at DESC
+LIMIT 1;
+
+-- name: open_kept_records
+SELECT count(*) AS open FROM persistence_kept_records WHERE resolved_at IS NULL;
