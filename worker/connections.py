@@ -296,6 +296,9 @@ def connect_sentinel_primary(target: RedisTarget) -> redis.Redis:
             "password": target.sentinel_password or None,
             "socket_connect_timeout": 5,
             "socket_timeout": 5,
+            # A sentinel that does not answer is skipped for the next one at
+            # once (redis-py's default would retry it for seconds first).
+            "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         },
     )
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
