@@ -207,8 +207,8 @@ class SentinelGroup:
             if sentinel.proc.poll() is not None:
                 continue
             with contextlib.closing(sentinel.client()) as client:
-                _host, port = client.sentinel_get_master_addr_by_name(self.master)
-                return int(port)
+                address: Any = client.sentinel_get_master_addr_by_name(self.master)
+                return int(address[1])
         raise AssertionError("no sentinel answers")
 
     def server(self, port: int) -> RedisServer:
@@ -226,8 +226,8 @@ class SentinelGroup:
 
     def _sees_all(self, sentinel: Sentinel, replicas: int, sentinels: int) -> bool:
         with contextlib.closing(sentinel.client()) as client:
-            state = client.sentinel_master(self.master)
-            found = client.sentinel_slaves(self.master)
+            state: Any = client.sentinel_master(self.master)
+            found: Any = client.sentinel_slaves(self.master)
         in_sync = [r for r in found if r.get("master-link-status") == "ok"]
         others = int(state.get("num-other-sentinels", 0))
         return len(in_sync) == replicas and others == sentinels - 1

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -78,7 +79,8 @@ def _fail_over(group: SentinelGroup) -> int:
 
 def _redis_messages(group: SentinelGroup, keys: RedisKeys) -> int:
     with contextlib.closing(_primary(group)) as client:
-        sessions = [m.decode() for m in client.smembers(keys.sessions)]
+        members: Any = client.smembers(keys.sessions)
+        sessions = [m.decode() for m in members]
         return sum(int(client.zcard(keys.messages(sid))) for sid in sessions)
 
 
