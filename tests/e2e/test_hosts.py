@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 import pytest
@@ -38,6 +40,16 @@ def _queues(env: dict[str, str], *shards: int, default: bool = True) -> list[str
         # Coordinators, chord callbacks, the supervisor; and tasks from other languages.
         names += [f"{prefix}default", env["CELERY_PRODUCER_QUEUES"]]
     return names
+
+
+def _start_hosts(workers: Any, env: dict[str, str], layout: dict[str, list[str]]) -> dict[str, Any]:
+    """One worker per host, started at once (each takes seconds to be ready)."""
+    with ThreadPoolExecutor(len(layout)) as pool:
+        started = {
+            name: pool.submit(workers, env, name=name, queues=queues)
+            for name, queues in layout.items()
+        }
+        return {name: future.result() for name, future in started.items()}
 
 
 def _hosts_env(celery_env: dict[str, str]) -> dict[str, str]:
@@ -102,7 +114,7 @@ def test_recommended_layout_every_shard_on_two_hosts_survives_a_host(
         "b": _queues(env, 2, 3, 4, 5),
         "c": _queues(env, 4, 5, 0, 1),
     }
-    hosts = {name: workers(env, name=name, queues=queues) for name, queues in layout.items()}
+    hosts = _start_hosts(workers, env, layout)
     beat = beats(env)
     cli = _cli(env, "backup", "--all")
     wait_for(lambda: _reported(pg_conn) >= 10, MINUTE, 0.05, "progress")
@@ -128,9 +140,16 @@ def test_disjoint_lists_the_only_consumer_of_a_shard_dies_and_the_run_waits(
 ):
     env = _hosts_env(celery_env)
     make_sessions(redis_client, keys, SESSIONS, EACH)
-    first = workers(env, name="a", queues=_queues(env, 0, 1))
-    workers(env, name="b", queues=_queues(env, 2, 3, default=False))
-    victim = workers(env, name="c", queues=_queues(env, 4, 5, default=False))
+    hosts = _start_hosts(
+        workers,
+        env,
+        {
+            "a": _queues(env, 0, 1),
+            "b": _queues(env, 2, 3, default=False),
+            "c": _queues(env, 4, 5, default=False),
+        },
+    )
+    first, victim = hosts["a"], hosts["c"]
     beat = beats(env)
     cli = _cli(env, "backup", "--all")
     wait_for(lambda: _reported(pg_conn) >= 1, MINUTE, 0.05, "progress")
