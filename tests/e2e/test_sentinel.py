@@ -16,6 +16,7 @@ failover, so "nothing lost" is about us, not about Redis.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ import redis
 
 from tests.e2e.conftest import wait_for, wait_for_run
 from tests.factories import make_sessions
-from tests.processes import REPO, base_env
+from tests.processes import REPO, base_env, run_cli
 from tests.servers import SentinelGroup
 from worker.errors import ServiceUnavailable
 from worker.keys import RedisKeys
@@ -121,6 +122,29 @@ def test_no_sentinel_answering_is_one_clear_line_naming_the_setting(tmp_path, ke
     assert "primary 'nowhere' of the sentinels 127.0.0.1:" in text
     assert text.endswith("check REDIS_SENTINELS")
     assert "secret" not in text
+
+
+def test_backup_restore_and_verify_from_the_cli_behind_sentinel(group, env, key_prefix, pg_conn):
+    """The CLI's --local runs reach the data through the sentinels, before and after a failover."""
+    keys = RedisKeys(key_prefix)
+    _write_replicated(group, keys, 5, 40)
+    data = {**env, **_data_env(group, key_prefix)}
+    assert run_cli(data, "backup", "--all", "--local").returncode == 0
+
+    _fail_over(group)
+    with contextlib.closing(_primary(group)) as client:
+        client.delete(*client.keys(f"{key_prefix}*"))
+    restored = run_cli(data, "restore", "--all", "--local", "--output", "json")
+    assert restored.returncode == 0, restored.stderr
+    answer = json.loads(restored.stdout)
+    assert (answer["status"], answer["session_count"], answer["message_count"]) == (
+        "completed",
+        5,
+        200,
+    )
+    verified = run_cli(data, "verify", "--all", "--local")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert _redis_messages(group, keys) == 200
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
