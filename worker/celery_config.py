@@ -109,6 +109,19 @@ def schedule_period_s(text: str) -> float | None:
     return None
 
 
+def sentinel_options(settings: Settings) -> dict[str, Any]:
+    """Transport options of a sentinel:// broker or result backend (kombu, Celery).
+
+    The URL lists the sentinels (sentinel://h1:26379;sentinel://h2:26379/1)
+    and may carry the primary's password (sentinel://:password@h1:26379;...);
+    the master's name and the sentinels' own password come from here.
+    """
+    options: dict[str, Any] = {"master_name": settings.celery_sentinel_master}
+    if settings.redis_sentinel_password:
+        options["sentinel_kwargs"] = {"password": settings.redis_sentinel_password}
+    return options
+
+
 def build_config(settings: Settings) -> dict[str, Any]:
     # Each queue has its own direct exchange and routing key: a message for
     # shard 3 can only ever land in shard 3's queue. A producer queue is
@@ -138,6 +151,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # Several deployments (or test runs) can share one Redis this way.
         transport_options["global_keyprefix"] = settings.celery_key_prefix
         result_options["global_keyprefix"] = settings.celery_key_prefix
+    if settings.broker_url.startswith("sentinel://"):
+        transport_options.update(sentinel_options(settings))
+    if settings.result_backend.startswith("sentinel://"):
+        result_options.update(sentinel_options(settings))
 
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,

@@ -12,12 +12,17 @@ import functools
 import inspect
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
 import redis
+import redis.backoff
+import redis.connection
 import redis.exceptions
+import redis.retry
+import redis.sentinel
 
 from worker.errors import (
     DndError,
@@ -221,3 +226,96 @@ def redis_errors(url: str, setting: str = "REDIS_URL") -> Iterator[None]:
         raise ServiceUnavailable("Redis", setting, f"{redact_url(url)}: {detail}") from exc
     except redis.exceptions.RedisError as exc:
         raise StoreError(f"Redis: {one_line(str(exc))}") from exc
+
+
+# -- the application's Redis: one server, or the primary sentinels name --------------
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where the application's data lives: REDIS_URL's server, or a primary behind Sentinel.
+
+    With sentinels, REDIS_URL gives only the primary's username, password,
+    database index and TLS (rediss://); its host and port are not used.
+    """
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    sentinel_password: str = ""
+
+    @classmethod
+    def of(cls, settings: Settings) -> RedisTarget:
+        return cls(
+            url=settings.redis_url,
+            sentinels=settings.redis_sentinels,
+            master=settings.redis_sentinel_master,
+            sentinel_password=settings.redis_sentinel_password,
+        )
+
+    @property
+    def label(self) -> str:
+        """How messages name it; never a password."""
+        if not self.sentinels:
+            return redact_url(self.url)
+        listed = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"primary {self.master!r} of the sentinels {listed} (REDIS_SENTINELS)"
+
+
+def connect_data_redis(settings: Settings) -> tuple[redis.Redis, str]:
+    """A client of the application's Redis, and how error messages name it."""
+    target = RedisTarget.of(settings)
+    if target.sentinels:
+        return connect_sentinel_primary(target), target.label
+    return connect_redis(target.url), target.url
+
+
+# Inside one command, ride out a failover (the sentinels' down-after time plus
+# the promotion) for about 15 s: each attempt asks the sentinels for the
+# primary again. Longer outages fail the command; the task is then retried
+# with Celery's back-off (TASK_MAX_RETRIES).
+SENTINEL_RETRY_ATTEMPTS = 10
+SENTINEL_RETRY_CAP_S = 2.0
+
+
+def connect_sentinel_primary(target: RedisTarget) -> redis.Redis:
+    """A client of the primary the sentinels name, following it across failovers.
+
+    redis-py asks the sentinels for the primary's address on every new
+    connection; a connection to a primary that was demoted (READONLY) or died
+    is dropped and the next attempt reconnects to the promoted replica.
+    """
+    kwargs: dict[str, Any] = redis.connection.parse_url(target.url)  # type: ignore[no-untyped-call]
+    for name in ("host", "port", "path", "connection_class"):
+        kwargs.pop(name, None)
+    if target.url.startswith("rediss://"):
+        kwargs["ssl"] = True
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs={
+            "password": target.sentinel_password or None,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 5,
+            # A sentinel that does not answer is skipped for the next one at
+            # once (redis-py's default would retry it for seconds first).
+            "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        },
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.master,
+        redis_class=redis.Redis,
+        protocol=2,  # see connect_redis
+        decode_responses=False,
+        socket_connect_timeout=10,
+        socket_timeout=120,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=redis.retry.Retry(
+            redis.backoff.ExponentialWithJitterBackoff(base=0.1, cap=SENTINEL_RETRY_CAP_S),
+            SENTINEL_RETRY_ATTEMPTS,
+        ),
+        **kwargs,
+    )
+    with redis_errors(target.label, "REDIS_SENTINELS"):
+        client.ping()
+    return client

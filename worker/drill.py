@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.connections import connect_redis, redis_errors
+from worker.connections import connect_data_redis, connect_redis, redis_errors
 from worker.errors import InvalidArgument
 from worker.keys import RedisKeys
 from worker.models import RestoreOptions, Run, VerifyOptions
@@ -42,11 +42,14 @@ def run_drill(
 ) -> DrillReport:
     """Restore (all sessions, or one) into the target, verify the target, report."""
     settings = services.settings
-    url = target_url or settings.redis_url
     prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
-    # An error connecting names the option that gave the URL, not REDIS_URL.
-    setting = "--target-redis" if target_url else "REDIS_URL"
-    target = RedisStore(connect_redis(url, setting=setting), RedisKeys(prefix), url)
+    if target_url:
+        # An error connecting names the option that gave the URL, not REDIS_URL.
+        url = target_url
+        client = connect_redis(url, setting="--target-redis")
+    else:
+        client, url = connect_data_redis(settings)  # REDIS_URL, or behind Sentinel
+    target = RedisStore(client, RedisKeys(prefix), url)
     try:
         _refuse_live_target(services, target.client, url, prefix)
         drill = Services(

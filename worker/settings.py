@@ -51,6 +51,17 @@ class Settings:
     # DATABASE_URL" is wrong advice when the URL was built from POSTGRES_*.
     database_url_setting: str = "DATABASE_URL"
 
+    # -- Redis Sentinel -----------------------------------------------------
+    # (host, port) of each sentinel that watches the application's Redis; ()
+    # when REDIS_URL names the server itself. With sentinels, REDIS_URL gives
+    # only the primary's credentials, database index and TLS (rediss://).
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = ""
+    # The sentinels' own password (their requirepass), not the primary's.
+    redis_sentinel_password: str = ""
+    # The master name of a sentinel:// broker and result backend.
+    celery_sentinel_master: str = ""
+
     # -- the engine ---------------------------------------------------------
     # Sessions handled in one PostgreSQL transaction (and one Celery task).
     batch_sessions: int = 200
@@ -114,6 +125,8 @@ class Settings:
             value = getattr(self, name)
             if isinstance(value, str) and "://" in value:
                 value = redact_url(value)
+            elif name == "redis_sentinel_password" and value:
+                value = "***"
             fields.append(f"{name}={value!r}")
         return f"Settings({', '.join(fields)})"
 
@@ -124,6 +137,7 @@ class Settings:
         database_url, database_setting = _database_url(env)
         prefix = env.get("REDIS_KEY_PREFIX", DEFAULT_KEY_PREFIX)
         _check_prefix(prefix)
+        sentinels, sentinel_master = _sentinels(env)
         settings = cls(
             redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
             redis_key_prefix=prefix,
@@ -133,13 +147,13 @@ class Settings:
                 env,
                 "CELERY_BROKER_URL",
                 DEFAULT_BROKER_URL,
-                ("redis", "rediss", "amqp", "amqps", "pyamqp", "memory"),
+                ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "memory"),
             ),
             result_backend=_url(
                 env,
                 "CELERY_RESULT_BACKEND",
                 DEFAULT_RESULT_BACKEND,
-                ("redis", "rediss", "rpc", "cache+memory"),
+                ("redis", "rediss", "sentinel", "rpc", "cache+memory"),
             ),
             batch_sessions=_int(env, "BACKUP_BATCH_SESSIONS", d.batch_sessions, 1, 10_000),
             chunk_messages=_int(env, "BACKUP_CHUNK_MESSAGES", d.chunk_messages, 10, 1_000_000),
@@ -174,7 +188,12 @@ class Settings:
             ),
             metrics_port=_int(env, "METRICS_PORT", d.metrics_port, 0, 65535),
             metrics_address=env.get("METRICS_ADDRESS", "").strip() or d.metrics_address,
+            redis_sentinels=sentinels,
+            redis_sentinel_master=sentinel_master,
+            redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", ""),
+            celery_sentinel_master=_name(env, "CELERY_SENTINEL_MASTER", "") or sentinel_master,
         )
+        _check_sentinel_urls(settings)
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
             raise ConfigError(
                 "TASK_TIME_LIMIT must be greater than TASK_SOFT_TIME_LIMIT "
@@ -199,7 +218,12 @@ def get_settings() -> Settings:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, safe to print or log."""
+    """``url`` with its password replaced by ``***``, safe to print or log.
+
+    A list of URLs separated by ``;`` (Celery's ``sentinel://`` form) has each redacted.
+    """
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a port that is not a number
@@ -219,15 +243,18 @@ def redact_url(url: str) -> str:
 
 def secrets_of(settings: Settings) -> list[str]:
     """Every password found in the settings' URLs, for scrubbing free text."""
-    return passwords_in(
+    found = passwords_in(
         (settings.redis_url, settings.database_url, settings.broker_url, settings.result_backend)
     )
+    if settings.redis_sentinel_password and settings.redis_sentinel_password not in found:
+        found.append(settings.redis_sentinel_password)
+    return found
 
 
 def passwords_in(urls: Iterable[str]) -> list[str]:
     """The passwords written in URLs (user:password@, ?password=), in every form."""
     found: list[str] = []
-    for url in urls:
+    for url in (part for listed in urls for part in listed.split(";")):
         try:
             parts = urlsplit(url)
             written = [parts.password or ""]
@@ -357,3 +384,49 @@ def _check_prefix(prefix: str) -> None:
         raise ConfigError(
             f"REDIS_KEY_PREFIX must not contain glob characters, braces or spaces (got {prefix!r})"
         )
+
+
+def _sentinels(env: Mapping[str, str]) -> tuple[tuple[tuple[str, int], ...], str]:
+    """REDIS_SENTINELS and REDIS_SENTINEL_MASTER, checked together."""
+    raw = env.get("REDIS_SENTINELS", "").strip()
+    master = _name(env, "REDIS_SENTINEL_MASTER", "")
+    sentinels = tuple(
+        _host_port("REDIS_SENTINELS", item) for item in raw.split(",") if item.strip()
+    )
+    if sentinels and not master:
+        raise ConfigError("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER (the primary's name)")
+    if master and not sentinels:
+        raise ConfigError("REDIS_SENTINEL_MASTER needs REDIS_SENTINELS (host:port,host:port)")
+    return sentinels, master
+
+
+def _host_port(name: str, item: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\s*([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})\s*", item)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"{name}: each entry must be host:port (got {item.strip()!r})")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _check_sentinel_urls(settings: Settings) -> None:
+    """A sentinel:// broker or result backend: every part sentinel://, and a master name."""
+    if settings.redis_sentinels and not settings.redis_url.startswith(("redis://", "rediss://")):
+        raise ConfigError(
+            "with REDIS_SENTINELS, REDIS_URL gives the primary's password, database and TLS: "
+            "it must start with redis:// or rediss://"
+        )
+    for name, url in (
+        ("CELERY_BROKER_URL", settings.broker_url),
+        ("CELERY_RESULT_BACKEND", settings.result_backend),
+    ):
+        if not url.startswith("sentinel://"):
+            continue
+        if any(not part.strip().startswith("sentinel://") for part in url.split(";")):
+            raise ConfigError(
+                f"{name}: list sentinels as sentinel://host:port;sentinel://host:port "
+                f"(got {redact_url(url)!r})"
+            )
+        if not settings.celery_sentinel_master:
+            raise ConfigError(
+                f"{name} is a sentinel:// URL: set CELERY_SENTINEL_MASTER "
+                "(or REDIS_SENTINEL_MASTER) to the master's name"
+            )
