@@ -2,8 +2,8 @@
 
 Every environment variable the project reads is named in ``Settings.from_env``
 (those that can hold a password also as ``<NAME>_FILE``, see
-worker/secret_files.py) and documented, with its default, in the README's settings table. Nothing else
-in the package reads ``os.environ``.
+worker/secret_files.py) and documented, with its default, in the README's
+settings table. Nothing else in the package reads ``os.environ``.
 """
 
 from __future__ import annotations
