@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +119,90 @@ class TestCA:
         files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(key, files.key)
         return files
+
+
+def _redis_binaries() -> list[str]:
+    """redis-server binaries to try: the one on PATH may be built without TLS."""
+    found = [
+        shutil.which("redis-server") or "",
+        "/usr/bin/redis-server",
+        "/usr/local/bin/redis-server",
+    ]
+    return [b for i, b in enumerate(found) if b and os.path.exists(b) and b not in found[:i]]
+
+
+class TlsRedis:
+    """`redis-server` that speaks only TLS, with a certificate of ``ca``, on a free port.
+
+    ``auth_clients``: Redis's --tls-auth-clients (``yes``: a client certificate
+    of the CA is required; ``optional``; ``no``).
+    """
+
+    def __init__(self, workdir: Path, ca: TestCA, server: CertFiles, auth_clients: str = "yes"):
+        from tests.servers import free_port
+
+        self.port = free_port()
+        self.ca = ca
+        self.dir = workdir / f"redis-tls-{self.port}"
+        self.dir.mkdir(parents=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        tried = []
+        for binary in _redis_binaries():
+            log = self.dir / "redis.log"
+            with log.open("wb") as out:
+                self.proc = subprocess.Popen(
+                    [
+                        binary, "--bind", "127.0.0.1", "--port", "0",
+                        "--tls-port", str(self.port), "--tls-cert-file", str(server.cert),
+                        "--tls-key-file", str(server.key), "--tls-ca-cert-file", str(ca.path),
+                        "--tls-auth-clients", auth_clients, "--dir", str(self.dir),
+                        "--save", "", "--appendonly", "no",
+                    ],
+                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            if self._wait_ready():
+                return
+            tried.append(f"{binary}: {log.read_text(errors='replace')[-300:]}")
+        raise AssertionError("no redis-server here starts with TLS:\n" + "\n".join(tried))
+
+    def _wait_ready(self, timeout: float = 10) -> bool:
+        import redis
+
+        assert self.proc is not None
+        client = redis.Redis.from_url(self.url(0, client_cert=True), socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    return False
+                try:
+                    client.ping()
+                    return True
+                except redis.exceptions.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        return False
+
+    def url(
+        self, db: int, *, ca: Path | None = None, host: str = "127.0.0.1", client_cert: bool = True,
+        extra: str = "",
+    ) -> str:  # fmt: skip
+        """A rediss:// URL checking the server against ``ca`` (default: the right one)."""
+        query = f"ssl_ca_certs={ca or self.ca.path}"
+        if client_cert:
+            client = self.ca.dir / "client.crt"
+            if not client.exists():
+                self.ca.issue("client", names=("dnd-worker",), client=True)
+            query += f"&ssl_certfile={client}&ssl_keyfile={self.ca.dir / 'client.key'}"
+        return f"rediss://{host}:{self.port}/{db}?{query}{'&' + extra if extra else ''}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
