@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from worker.errors import ConfigError
-from worker.secret_files import SecretFileError, with_secret_files
+from worker.secret_files import SECRET_VARIABLES, SecretFileError, with_secret_files
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_KEY_PREFIX = "dnd:"
@@ -26,6 +26,8 @@ DEFAULT_KEY_PREFIX = "dnd:"
 DEFAULT_BROKER_URL = "redis://localhost:6379/1"
 DEFAULT_RESULT_BACKEND = "redis://localhost:6379/2"
 DEFAULT_BACKUP_SCHEDULE = "0 * * * *"
+# The settings that can hold a password, each also read from <NAME>_FILE.
+SETTINGS_SECRETS = tuple(name for name in SECRET_VARIABLES if name != "FLOWER_BASIC_AUTH")
 # libpq also takes the password as a URL query parameter: ...?password=secret
 _QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)([^&]*)")
 
@@ -226,7 +228,8 @@ def passwords_in(urls: Iterable[str]) -> list[str]:
 def _resolve_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
     """Each ``<NAME>_FILE`` of a setting that can hold a password, read (worker.secret_files)."""
     try:
-        return with_secret_files(env)
+        # FLOWER_BASIC_AUTH_FILE is Flower's, read by worker.flower_guard.
+        return with_secret_files(env, SETTINGS_SECRETS)
     except SecretFileError as exc:
         raise ConfigError(str(exc)) from None
 

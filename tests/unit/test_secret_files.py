@@ -13,7 +13,7 @@ from worker import flower_guard
 from worker.errors import ConfigError
 from worker.exit_codes import CONFIG
 from worker.secret_files import SECRET_VARIABLES, with_secret_files
-from worker.settings import Settings, secrets_of
+from worker.settings import SETTINGS_SECRETS, Settings, secrets_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,12 +47,16 @@ def test_postgres_password_file(tmp_path):
     )
 
 
+def test_every_secret_has_a_file_form_in_the_settings_or_the_flower_guard():
+    assert set(SECRET_VARIABLES) == {*SETTINGS_SECRETS, "FLOWER_BASIC_AUTH"}
+
+
 def test_only_trailing_newlines_are_stripped(tmp_path):
     path = secret(tmp_path, "pw", " spaced \n\n")
     assert with_secret_files({"POSTGRES_PASSWORD_FILE": path})["POSTGRES_PASSWORD"] == " spaced "
 
 
-@pytest.mark.parametrize("name", SECRET_VARIABLES)
+@pytest.mark.parametrize("name", SETTINGS_SECRETS)
 def test_both_forms_set_is_an_error_naming_both(tmp_path, name):
     path = secret(tmp_path, name, "x")
     with pytest.raises(ConfigError) as info:
