@@ -27,6 +27,7 @@ IMAGE_VARIABLES = frozenset(
     {
         "POSTGRES_USER",
         "POSTGRES_PASSWORD",
+        "POSTGRES_PASSWORD_FILE",  # the image reads the password from a file too
         "POSTGRES_DB",
         "POSTGRES_INITDB_ARGS",
         "PGDATA",
@@ -41,7 +42,11 @@ def _project_source() -> str:
 
 
 def read_by_project(name: str) -> bool:
-    """True when the package reads ``name`` (it appears quoted in worker/)."""
+    """True when the package reads ``name`` (it appears quoted in worker/, or is <SECRET>_FILE)."""
+    from worker.secret_files import SECRET_VARIABLES, SUFFIX
+
+    if name.endswith(SUFFIX) and name.removesuffix(SUFFIX) in SECRET_VARIABLES:
+        return True
     return f'"{name}"' in _project_source()
 
 

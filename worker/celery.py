@@ -7,6 +7,8 @@ worker.celery_config. The tasks are in worker.tasks.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -14,6 +16,7 @@ from celery import Celery, signals
 from worker import flower_guard, process
 from worker.celery_config import build_config
 from worker.settings import get_settings
+from worker.tls import tls_warning
 
 # `celery -A worker flower` imports this module before Flower opens its port:
 # refuse to serve Flower without authentication (see worker/flower_guard.py,
@@ -21,7 +24,18 @@ from worker.settings import get_settings
 flower_guard.check()
 
 app = Celery("worker", include=["worker.tasks"])
-app.conf.update(build_config(get_settings()))
+_config = build_config(get_settings())
+app.conf.update(_config)
+# Celery reads CELERY_BROKER_URL and CELERY_RESULT_BACKEND from the environment
+# before its configuration: make them say what the configuration says (a
+# rediss:// URL with its certificate check, see worker/tls.py). Only when set:
+# a URL read from <NAME>_FILE never goes into the environment.
+for _variable, _key in (
+    ("CELERY_BROKER_URL", "broker_url"),
+    ("CELERY_RESULT_BACKEND", "result_backend"),
+):
+    if os.environ.get(_variable, "").strip():
+        os.environ[_variable] = _config[_key]
 
 
 @signals.worker_process_init.connect
@@ -47,3 +61,12 @@ def _beat_started(**_: Any) -> None:
         return metrics.serve(config, lambda: celery_health.count_workers(app, config))
 
     beat_presence.start(settings, serve)
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _warn_unchecked_tls(**_: Any) -> None:
+    # Once per worker or beat (its main process), never per connection.
+    warning = tls_warning(get_settings())
+    if warning:
+        logging.getLogger("worker.tls").warning(warning)

@@ -15,6 +15,7 @@ from kombu.entity import Exchange, Queue
 from worker.errors import ConfigError
 from worker.models import RUN_KINDS, RunKind
 from worker.settings import Settings
+from worker.tls import with_cert_check
 
 
 def session_task_name(kind: RunKind) -> str:
@@ -157,8 +158,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
         result_options.update(sentinel_options(settings))
 
     config: dict[str, Any] = {
-        "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        # rediss:// without ssl_cert_reqs: kombu would connect without checking
+        # the certificate (Celery #5371) and the result backend would refuse
+        # the URL; both check it, as redis-py does for REDIS_URL.
+        "broker_url": with_cert_check(settings.broker_url),
+        "result_backend": with_cert_check(settings.result_backend),
         # JSON only: a pickle payload from the broker could run arbitrary code.
         "task_serializer": "json",
         "result_serializer": "json",

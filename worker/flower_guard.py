@@ -7,7 +7,10 @@ stderr before Flower opens its port.
 
 Authentication counts as configured when one of these is set:
 
-- ``FLOWER_BASIC_AUTH=user:password[,user2:password2]`` (Flower reads it natively);
+- ``FLOWER_BASIC_AUTH=user:password[,user2:password2]`` (Flower reads it natively),
+  or ``FLOWER_BASIC_AUTH_FILE``, a file holding that value (Docker / Kubernetes
+  secrets): the guard reads it and hands it to Flower as ``FLOWER_BASIC_AUTH``
+  in this process's environment, before Flower reads its options;
 - ``FLOWER_AUTH`` (a regex of allowed e-mails) with ``FLOWER_AUTH_PROVIDER``
   (Flower's OAuth; ``FLOWER_AUTH_PROVIDER`` alone protects nothing);
 - the same as Flower command-line flags (``--basic-auth=...``, ``--auth=...``).
@@ -19,7 +22,7 @@ This module reads ``os.environ`` itself (worker.settings owns the app's settings
 these are Flower's own variables, read by Flower too).
 
 Its place in the layers (tests/unit/test_layers.py): a bottom module, importing
-only the standard library, click and worker.exit_codes. The app layer
+only the standard library, click, worker.exit_codes and worker.secret_files. The app layer
 (worker.celery) imports it and calls :func:`check` at import: Celery imports the
 app named by ``-A`` before it runs the ``flower`` subcommand, so that import is
 the first of our code to run and comes before Flower opens its port. The dev
@@ -37,9 +40,11 @@ from pathlib import Path
 import click
 
 from worker.exit_codes import CONFIG
+from worker.secret_files import SecretFileError, resolve_secret
 
 ALLOW_VARIABLE = "FLOWER_ALLOW_NO_AUTH"
 AUTH_VARIABLES = ("FLOWER_BASIC_AUTH", "FLOWER_AUTH", "FLOWER_AUTH_PROVIDER")
+BASIC_AUTH = "FLOWER_BASIC_AUTH"
 # Celery's global options that take a value: `celery -A worker flower`,
 # `celery --app worker flower`, `celery --app=worker -b URL flower`.
 _VALUE_OPTIONS = frozenset(
@@ -119,13 +124,13 @@ def auth_problem(environ: Mapping[str, str], flower_args: Sequence[str] = ()) ->
 def check(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> None:
     """Exit with one line on stderr if this process is Flower and would run without auth."""
     argv = sys.argv if argv is None else argv
-    env = os.environ if environ is None else environ
     if not is_flower(argv):
         return
     at = subcommand_index(argv)
     flower_args = argv[at + 1 :] if at is not None else ()
     if "--help" in flower_args:  # prints Flower's options and exits: nothing is served
         return
+    env = _basic_auth_from_file(os.environ if environ is None else environ)
     problem = auth_problem(env, flower_args)
     if problem is None:
         return
@@ -139,3 +144,22 @@ def check(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
         return
     print(f"celery flower: refusing to start: {problem}", file=sys.stderr)
     sys.exit(CONFIG)
+
+
+def _basic_auth_from_file(env: Mapping[str, str]) -> Mapping[str, str]:
+    """Read FLOWER_BASIC_AUTH_FILE into FLOWER_BASIC_AUTH, where Flower looks for it.
+
+    ``env`` is changed in place when it is ``os.environ`` (Flower reads its
+    options from there after this check); any other mapping is copied.
+    """
+    try:
+        value = resolve_secret(env, BASIC_AUTH)
+    except SecretFileError as exc:
+        print(f"celery flower: refusing to start: {exc}", file=sys.stderr)
+        sys.exit(CONFIG)
+    if value is None or not env.get(BASIC_AUTH + "_FILE", "").strip():
+        return env
+    if env is os.environ:
+        os.environ[BASIC_AUTH] = value
+        return env
+    return {**env, BASIC_AUTH: value}

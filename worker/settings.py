@@ -1,8 +1,9 @@
 """Settings: one frozen dataclass, built once from the environment.
 
 Every environment variable the project reads is named in ``Settings.from_env``
-and documented, with its default, in the README's settings table. Nothing else
-in the package reads ``os.environ``.
+(those that can hold a password also as ``<NAME>_FILE``, see
+worker/secret_files.py) and documented, with its default, in the README's
+settings table. Nothing else in the package reads ``os.environ``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from worker.errors import ConfigError
+from worker.secret_files import SECRET_VARIABLES, SecretFileError, with_secret_files
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_KEY_PREFIX = "dnd:"
@@ -27,6 +29,8 @@ DEFAULT_BACKUP_SCHEDULE = "0 * * * *"
 # Where beat serves the Prometheus metrics (docs/operations.md, "Monitoring").
 # 9808 is not among the ports the Prometheus wiki lists as taken by exporters.
 DEFAULT_METRICS_PORT = 9808
+# The settings that can hold a password, each also read from <NAME>_FILE.
+SETTINGS_SECRETS = tuple(name for name in SECRET_VARIABLES if name != "FLOWER_BASIC_AUTH")
 # libpq also takes the password as a URL query parameter: ...?password=secret
 _QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)([^&]*)")
 
@@ -132,7 +136,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
+        env = _resolve_secret_files(os.environ if environ is None else environ)
         d = cls()  # the defaults (class attributes are slot descriptors)
         database_url, database_setting = _database_url(env)
         prefix = env.get("REDIS_KEY_PREFIX", DEFAULT_KEY_PREFIX)
@@ -267,6 +271,15 @@ def passwords_in(urls: Iterable[str]) -> list[str]:
                 if form and form not in found:
                     found.append(form)
     return found
+
+
+def _resolve_secret_files(env: Mapping[str, str]) -> Mapping[str, str]:
+    """Each ``<NAME>_FILE`` of a setting that can hold a password, read (worker.secret_files)."""
+    try:
+        # FLOWER_BASIC_AUTH_FILE is Flower's, read by worker.flower_guard.
+        return with_secret_files(env, SETTINGS_SECRETS)
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _database_url(env: Mapping[str, str]) -> tuple[str, str]:

@@ -42,10 +42,13 @@ from tests.deploy_checks import check_command, shell_words, unknown_variables
 from tests.e2e.conftest import wait_for
 from tests.processes import REPO, run_python
 from worker.celery_config import build_config
+from worker.secret_files import SECRET_VARIABLES
 from worker.settings import Settings
 
+SECRETS_MOUNT = "/run/secrets/"
+
 OUR_SERVICES = ("migrate", "worker", "beat", "flower")
-REQUIRED = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "FLOWER_BASIC_AUTH")
+MAKE_SECRETS = REPO / "deploy" / "compose" / "make-secrets.sh"
 BIN = Path(sys.executable).parent
 
 
@@ -63,6 +66,29 @@ def config(raw: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def services(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config["services"])
+
+
+@pytest.fixture(scope="module")
+def secret_files(raw: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Compose's secrets, made by deploy/compose/make-secrets.sh: name -> the file."""
+    folder = tmp_path_factory.mktemp("compose") / "secrets"
+    done = subprocess.run(
+        ["/bin/sh", str(MAKE_SECRETS), str(folder)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config = compose.interpolate_all(raw, {**compose.dotenv(), "DND_SECRETS_DIR": str(folder)})
+    return {name: Path(secret["file"]) for name, secret in config["secrets"].items()}
+
+
+def _with_secret_files(env: dict[str, str], secret_files: dict[str, Path]) -> dict[str, str]:
+    """``env`` with /run/secrets/<name> (where compose mounts them) pointing at the files."""
+    return {
+        key: str(secret_files[value.removeprefix(SECRETS_MOUNT)])
+        if value.startswith(SECRETS_MOUNT)
+        else value
+        for key, value in env.items()
+    }
 
 
 # -- the file itself ---------------------------------------------------------------
@@ -98,28 +124,47 @@ def test_services_are_laid_out_for_production(config, services):
     assert "container_name" not in services["beat"]
 
 
-def test_passwords_are_required_and_documented(raw):
+def test_every_variable_is_documented(raw):
     example = compose.dotenv()
     # Every variable the compose file uses is documented in .env.example, and
     # .env.example documents nothing the compose file ignores.
     used = compose.referenced_variables(raw)
     assert sorted(used - set(example)) == []
     assert sorted(set(example) - used) == []
-    for name in REQUIRED:
-        assert "CHANGE-ME" in example[name], f"{name} must be an obvious placeholder"
-        # compose refuses to start when a required password is missing.
-        with pytest.raises(compose.MissingVariable, match=name):
-            compose.interpolate_all(raw, {**example, name: ""})
 
 
-def test_every_environment_variable_is_read_by_someone(raw, services):
+def test_passwords_are_files_never_environment_variables(raw, services, secret_files):
+    # Nothing secret in .env: every password is a file compose mounts.
+    assert not [name for name in compose.dotenv() if "PASSWORD" in name or "AUTH" in name]
+    made = {path.name for path in next(iter(secret_files.values())).parent.iterdir()}
+    assert made == {path.name for path in secret_files.values()}, "make-secrets.sh makes them all"
+    for path in secret_files.values():
+        assert path.read_text().strip(), path
+        assert path.stat().st_mode & 0o777 == 0o644  # the containers' users read their mounts
+    assert next(iter(secret_files.values())).parent.stat().st_mode & 0o777 == 0o700
+    for name, service in services.items():
+        env = compose.environment(service)
+        secret_names = set(service.get("secrets", []))
+        assert not {*SECRET_VARIABLES, "REDIS_PASSWORD", "REDISCLI_AUTH"} & set(env), name
+        for key, value in env.items():
+            if value.startswith(SECRETS_MOUNT):
+                assert key.endswith("_FILE"), (name, key)
+                assert value.removeprefix(SECRETS_MOUNT) in secret_names, (name, key)
+            assert "CHANGE-ME" not in value, (name, key)
+        assert secret_names <= set(secret_files), name
+    for name in OUR_SERVICES:
+        assert services[name]["secrets"], name
+
+
+def test_every_environment_variable_is_read_by_someone(raw, services, secret_files):
     names = sorted(
         {name for service in raw["services"].values() for name in compose.environment(service)}
     )
     assert unknown_variables(names) == []
     # And what each of our services gets is a valid configuration of ours.
     for name in OUR_SERVICES:
-        build_config(Settings.from_env(compose.environment(services[name])))
+        env = _with_secret_files(compose.environment(services[name]), secret_files)
+        build_config(Settings.from_env(env))
 
 
 def test_commands_and_healthchecks_are_valid(services):
@@ -307,7 +352,9 @@ def _base_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def native(services, celery_env, redis_server_url, tmp_path) -> Iterator[Callable[..., Any]]:
+def native(
+    services, celery_env, redis_server_url, tmp_path, secret_files
+) -> Iterator[Callable[..., Any]]:
     """native(service, database_url) -> (argv, env): a compose service as run here."""
     test_redis = urlsplit(redis_server_url)
     used_dbs: set[str] = set()
@@ -316,7 +363,18 @@ def native(services, celery_env, redis_server_url, tmp_path) -> Iterator[Callabl
         service = services[name]
         env = _base_env()
         pg = urlsplit(database_url)
-        for key, value in compose.environment(service).items():
+        for key, value in _with_secret_files(compose.environment(service), secret_files).items():
+            if key.endswith("_FILE") and value in map(str, secret_files.values()):
+                # A URL in a secret file points at compose's `redis`: here, the test's.
+                content = Path(value).read_text().strip()
+                used_dbs.update(filter(None, [_compose_redis_db(content)]))
+                here = _as_here(key.removesuffix("_FILE"), content, pg, test_redis, tmp_path)
+                # The test server's password; none (trust): the generated one, unused.
+                if here and here != content:
+                    value = str(tmp_path / f"here-{key.lower()}")
+                    Path(value).write_text(here + "\n")
+                env[key] = value
+                continue
             used_dbs.update(filter(None, [_compose_redis_db(value)]))
             env[key] = _as_here(key, value, pg, test_redis, tmp_path)
         assert "DATABASE_URL" not in env  # compose configures PostgreSQL by POSTGRES_*
@@ -443,9 +501,11 @@ def test_flower_service_requires_auth_and_shows_workers_and_tasks(
     worker = start("worker", worker_argv, worker_env)
     port = _free_port()
     argv, env = native("flower", database_url, port=port)
-    assert env["FLOWER_BASIC_AUTH"] == compose.dotenv()["FLOWER_BASIC_AUTH"]
+    # Flower's login comes from the secret file, through the guard (flower_guard).
+    assert "FLOWER_BASIC_AUTH" not in env
+    auth = Path(env["FLOWER_BASIC_AUTH_FILE"]).read_text().strip()
+    assert auth.startswith("admin:")
     flower = start("flower", argv, env)
-    auth = env["FLOWER_BASIC_AUTH"]
     wait_for(
         lambda: _get(port, "/healthcheck")[0] == 200 or flower.proc.poll() is not None,
         30,

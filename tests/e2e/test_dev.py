@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
+import pytest
 import redis
 
 from tests.processes import REPO, base_env, run_cli
@@ -255,7 +256,10 @@ def _with_password(database_url: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def test_dev_uses_the_servers_in_the_environment(tmp_path, celery_env, redis_client, keys):
+@pytest.mark.parametrize("as_files", [False, True], ids=["variables", "files"])
+def test_dev_uses_the_servers_in_the_environment(
+    tmp_path, celery_env, redis_client, keys, as_files
+):
     secret = "s3cret-pw-not-for-output"
     env = {
         **celery_env,
@@ -263,6 +267,11 @@ def test_dev_uses_the_servers_in_the_environment(tmp_path, celery_env, redis_cli
         "DATABASE_URL": _with_password(celery_env["DATABASE_URL"], secret),
         "FLOWER_BASIC_AUTH": "tester:given-flower-pw",
     }
+    if as_files:  # <NAME>_FILE counts as given: nothing is embedded either
+        for name in ("DATABASE_URL", "REDIS_URL", "FLOWER_BASIC_AUTH"):
+            path = tmp_path / name.lower()
+            path.write_text(env.pop(name) + "\n")
+            env[f"{name}_FILE"] = str(path)
     data_dir = tmp_path / "dev-data"
     flower_port = free_port()
     dev = Dev(

@@ -15,6 +15,7 @@ import yaml
 
 from tests.deploy_checks import check_command, shell_words, unknown_variables
 from worker.celery_config import build_config
+from worker.secret_files import SECRET_VARIABLES
 from worker.settings import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
@@ -49,6 +50,30 @@ def _containers(resources) -> list[tuple[str, dict[str, Any]]]:
         if kind in ("Deployment", "Job")
         for container in doc["spec"]["template"]["spec"]["containers"]
     ]
+
+
+def _pods_and_containers(resources) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [
+        (f"{kind}/{name}", doc["spec"]["template"]["spec"], container)
+        for (kind, name), doc in resources.items()
+        if kind in ("Deployment", "Job")
+        for container in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def _secret_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """Path in the container -> key of dnd-client-secrets, for the Secret's mounted files."""
+    volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"])
+        if volume is None:
+            continue
+        assert volume["secretName"] == "dnd-client-secrets"
+        assert mount.get("readOnly") is True
+        for item in volume["items"]:
+            files[f"{mount['mountPath']}/{item['path']}"] = item["key"]
+    return files
 
 
 def test_every_manifest_is_listed_in_the_kustomization(kustomization):
@@ -115,12 +140,11 @@ def test_exactly_one_beat_never_two_during_a_rollout(resources):
 
 
 def test_flower_gets_its_login_from_the_secret(resources):
-    [container] = _pod(resources, "Deployment", "dnd-client-flower")["spec"]["containers"]
-    [auth] = [e for e in container["env"] if e["name"] == "FLOWER_BASIC_AUTH"]
-    assert auth["valueFrom"]["secretKeyRef"] == {
-        "name": "dnd-client-secrets",
-        "key": "FLOWER_BASIC_AUTH",
-    }
+    pod = _pod(resources, "Deployment", "dnd-client-flower")["spec"]
+    [container] = pod["containers"]
+    files = _secret_files(pod, container)
+    [auth] = [e for e in container["env"] if e["name"] == "FLOWER_BASIC_AUTH_FILE"]
+    assert files[auth["value"]] == "FLOWER_BASIC_AUTH"
     assert "--port=5555" in container["command"]
     assert container["ports"][0]["containerPort"] == 5555
     service = resources[("Service", "dnd-client-flower")]
@@ -150,7 +174,7 @@ def test_every_referenced_variable_exists_and_is_read(resources):
     secret = resources[("Secret", "dnd-client-secrets")]["stringData"]
     assert all("CHANGE-ME" in value for value in secret.values()), "placeholders only"
     assert unknown_variables(sorted({*config, *secret})) == []
-    for where, container in _containers(resources):
+    for where, pod, container in _pods_and_containers(resources):
         env: dict[str, str] = {}
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
@@ -159,7 +183,15 @@ def test_every_referenced_variable_exists_and_is_read(resources):
             else:
                 assert source["secretRef"]["name"] == "dnd-client-secrets", where
                 env.update(secret)
+        files = _secret_files(pod, container)
         for item in container.get("env", []):
+            if item["name"].removesuffix("_FILE") in SECRET_VARIABLES and item["name"].endswith(
+                "_FILE"
+            ):
+                # What the settings read from that file: the Secret's key.
+                assert item["value"] in files, f"{where}: {item['value']} is not mounted"
+                env[item["name"].removesuffix("_FILE")] = secret[files[item["value"]]]
+                continue
             if "value" in item:
                 env[item["name"]] = item["value"]
                 continue
@@ -174,6 +206,20 @@ def test_every_referenced_variable_exists_and_is_read(resources):
             assert "POSTGRES_PASSWORD" in env, where
         if "migrate" not in where:
             assert {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"} <= env.keys(), where
+
+
+def test_passwords_reach_pods_as_files_never_as_environment_variables(resources):
+    for where, pod, container in _pods_and_containers(resources):
+        for item in container.get("env", []):
+            assert "secretKeyRef" not in item.get("valueFrom", {}), (where, item["name"])
+        for source in container.get("envFrom", []):
+            assert "secretRef" not in source, where
+        names = {item["name"] for item in container.get("env", [])}
+        assert names & {f"{name}_FILE" for name in SECRET_VARIABLES}, where
+        [volume] = [v for v in pod["volumes"] if "secret" in v]
+        # Group-readable (the pod's fsGroup), by nobody else.
+        assert volume["secret"]["defaultMode"] == 0o440, where
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"], where
 
 
 def test_pods_run_unprivileged(resources):

@@ -9,8 +9,9 @@ layers, bottom first, and what belongs in each:
 
 - bottom: what everything shares, importing nothing above it: errors, exit
   codes, settings, the Redis key names, the dataclasses, parsing records,
-  checksums, sharding, the SQL text, and the Flower guard (standard library,
-  click and exit_codes only; see worker/flower_guard.py).
+  checksums, sharding, the SQL text, secrets read from files, the TLS checks
+  of the settings, and the Flower guard (standard library, click, exit_codes
+  and secret_files only; see worker/flower_guard.py).
 - stores: the connections to PostgreSQL and Redis, the two stores, migrations.
 - engines: backup, restore and verify, plain Python over the two stores.
 - runs: a run from start to finish (record, scope, batches, outcome), the
@@ -42,7 +43,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     (
         "bottom",
         "__init__ errors exit_codes settings keys models records checksums sharding sql "
-        "flower_guard lag",
+        "flower_guard lag secret_files tls",
     ),
     ("stores", "connections pg_store redis_store migrate"),
     ("engines", "engine backup_plan backup restore verify"),

@@ -9,7 +9,6 @@ lines about the host's own units are not ours to judge.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,9 @@ import pytest
 from tests.compose import dotenv
 from tests.deploy_checks import check_command, unknown_variables
 from worker.celery_config import build_config, consumed_queues
+from worker.secret_files import SECRET_VARIABLES
 from worker.settings import Settings
+from worker.tls import tls_warning
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 VENV_BIN = "/opt/dnd-client/venv/bin/"
@@ -138,13 +139,63 @@ def test_every_command_is_one_our_programs_accept():
         check_command([Path(argv[0]).name, *argv[1:]])
 
 
-def test_environment_files_are_valid_settings():
+# What an operator puts in /etc/dnd-client/credentials/ (README.md), as placeholders.
+CREDENTIALS = {
+    "database_url": "postgresql://dnd:CHANGE-ME@postgres.internal:5432/dnd_client"
+    "?sslmode=verify-full&sslrootcert=/etc/dnd-client/tls/postgres-ca.pem",
+    "redis_url": "rediss://:CHANGE-ME@redis.internal:6380/0"
+    "?ssl_ca_certs=/etc/dnd-client/tls/redis-ca.pem",
+    "celery_broker_url": "rediss://:CHANGE-ME@redis.internal:6380/1",
+    "celery_result_backend": "rediss://:CHANGE-ME@redis.internal:6380/2",
+    "flower_basic_auth": "admin:CHANGE-ME",
+}
+
+
+def _credential_environment(name: str, directory: Path) -> dict[str, str]:
+    """The unit's Environment= *_FILE variables, with %d (its credentials) at ``directory``."""
+    service = parse_unit(SYSTEMD / name)["Service"]
+    loaded = {}
+    for item in service.get("LoadCredential", []):
+        credential, _, source = item.partition(":")
+        assert source == f"/etc/dnd-client/credentials/{credential}", (name, item)
+        loaded[credential] = source
+    env = {}
+    for item in service.get("Environment", []):
+        key, _, value = item.partition("=")
+        if key.endswith("_FILE") and value.startswith("%d/"):
+            credential = value.removeprefix("%d/")
+            assert credential in loaded, f"{name}: {key} names a credential it does not load"
+            (directory / credential).write_text(CREDENTIALS[credential] + "\n")
+            env[key] = str(directory / credential)
+    return env
+
+
+def test_passwords_come_from_credentials_never_from_the_environment_file(tmp_path):
+    shared = dotenv(SYSTEMD / "dnd-client.env.example")
+    assert not {*SECRET_VARIABLES, "POSTGRES_PASSWORD"} & set(shared)
+    assert not [value for value in shared.values() if "@" in value]  # no user:password@
+    needs = {
+        "dnd-migrate.service": {"DATABASE_URL"},
+        "dnd-worker@.service": {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL",
+                                "CELERY_RESULT_BACKEND"},
+        "dnd-beat.service": {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND"},
+        "dnd-flower.service": {"CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "FLOWER_BASIC_AUTH"},
+    }  # fmt: skip
+    for name, variables in needs.items():
+        env = _credential_environment(name, tmp_path)
+        assert {key.removesuffix("_FILE") for key in env} == variables, name
+        settings = Settings.from_env({**shared, **env})
+        assert tls_warning(settings) is None, name  # the examples check every certificate
+        if "DATABASE_URL" in variables:
+            assert "sslmode=verify-full" in settings.database_url
+
+
+def test_environment_files_are_valid_settings(tmp_path):
     shared = dotenv(SYSTEMD / "dnd-client.env.example")
     instance = dotenv(SYSTEMD / "worker-1.env.example")
     assert unknown_variables(sorted({*shared, *instance})) == []
-    assert all("CHANGE-ME" in shared[key] for key in ("POSTGRES_PASSWORD", "FLOWER_BASIC_AUTH"))
-    assert re.fullmatch(r"[^:]+:.+", shared["FLOWER_BASIC_AUTH"])
-    settings = Settings.from_env({**shared, **instance})
+    credentials = _credential_environment("dnd-worker@.service", tmp_path)
+    settings = Settings.from_env({**shared, **instance, **credentials})
     build_config(settings)
     # The queues an instance is told to consume exist.
     queues = instance["CELERY_WORKER_QUEUES"].split(",")

@@ -11,6 +11,7 @@ import click
 from worker.errors import InvalidArgument
 from worker.records import parse_session_id
 from worker.settings import Settings
+from worker.tls import tls_warning
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,7 +62,11 @@ def _check_session_id(ctx: click.Context, param: click.Parameter, value: str | N
 @functools.cache
 def settings() -> Settings:
     """The settings, read once per command (ConfigError reaches main())."""
-    return Settings.from_env()
+    config = Settings.from_env()
+    warning = tls_warning(config)
+    if warning:
+        click.echo(f"dnd-client: warning: {warning}", err=True)
+    return config
 
 
 def one_of_all_or_session(all_sessions: bool, session_id: str | None, extra: str = "") -> None:

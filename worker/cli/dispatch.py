@@ -16,12 +16,13 @@ from typing import Any
 
 from worker.cli.common import settings
 from worker.cli.output import Output, ProgressBar
+from worker.connections import one_line
 from worker.errors import DndError, NoWorkers, ServiceUnavailable, TaskFailed, WaitTimeout
 from worker.models import Run, RunKind, RunOptions
 from worker.pg_store import PostgresStore
 from worker.runs import KINDS
 from worker.services import open_postgres
-from worker.settings import Settings, redact_url
+from worker.settings import Settings, passwords_in, redact_url
 
 POLL_INTERVAL_S = 0.5
 # With no progress for this long, look for lost work and check that some
@@ -55,6 +56,7 @@ def run_on_workers(
     else:
         needed = all_queues(config)
     check_workers(app, needed, config)
+    check_result_backend(app, config)
 
     run_id = str(uuid.uuid4())
     with _broker_errors(config):
@@ -241,6 +243,31 @@ def check_workers(app: Any, queues: list[str], config: Settings) -> None:
     )
 
 
+def check_result_backend(app: Any, config: Settings) -> None:
+    """Fail fast, naming CELERY_RESULT_BACKEND, when the result backend cannot be reached.
+
+    Celery's Redis result backend retries a connection that fails (a wrong
+    certificate, a server down) for about 30 s, then raises RuntimeError
+    ("Retry limit exceeded"): one PING here tells first, in one line.
+    """
+    from redis.exceptions import RedisError
+
+    client = getattr(app.backend, "client", None)  # Redis backends only (not rpc://)
+    if client is None or not hasattr(client, "ping"):
+        return
+    try:
+        client.ping()
+    except RedisError as exc:
+        detail = one_line(str(exc))
+        for password in passwords_in([config.result_backend]):
+            detail = detail.replace(password, "***")
+        raise ServiceUnavailable(
+            "the Celery result backend",
+            "CELERY_RESULT_BACKEND",
+            f"{redact_url(config.result_backend)}: {detail}",
+        ) from exc
+
+
 def _queue_list(queues: list[str]) -> str:
     if len(queues) <= 3:
         return "queue " + ", ".join(queues) if len(queues) == 1 else "queues " + ", ".join(queues)
@@ -262,6 +289,13 @@ class _broker_errors:  # noqa: N801 - a context manager, reads like one
         from kombu.exceptions import OperationalError
         from redis.exceptions import ConnectionError as RedisConnectionError
 
+        if isinstance(exc, RuntimeError) and "result store backend" in str(exc):
+            # Celery's Redis result backend gave up reconnecting (about 30 s).
+            raise ServiceUnavailable(
+                "the Celery result backend",
+                "CELERY_RESULT_BACKEND",
+                f"{redact_url(self.config.result_backend)}: it stopped answering",
+            ) from exc
         if isinstance(exc, OperationalError | ConnectionError | RedisConnectionError):
             raise ServiceUnavailable(
                 "the Celery broker",

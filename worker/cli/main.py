@@ -6,9 +6,11 @@ named exit status (worker.exit_codes). Set DND_DEBUG=1 to get tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from typing import NoReturn
 
 import click
@@ -34,6 +36,7 @@ from worker.errors import (
     Terminated,
     WaitTimeout,
 )
+from worker.secret_files import SecretFileError, with_secret_files
 from worker.settings import passwords_in
 
 PROG = "dnd-client"
@@ -157,10 +160,14 @@ def _scrub(message: str) -> str:
     """Remove every password we know of, whatever produced the message."""
     # From the environment, not the settings: a message may be about settings
     # that do not parse.
-    urls = [os.environ.get(name, "") for name in URL_VARIABLES]
+    # The <NAME>_FILE forms too, unless they are what is wrong.
+    env: Mapping[str, str] = os.environ
+    with contextlib.suppress(SecretFileError):
+        env = with_secret_files(os.environ)
+    urls = [env.get(name, "") for name in URL_VARIABLES]
     secrets = set(passwords_in(urls))
-    secrets.add(os.environ.get("POSTGRES_PASSWORD", ""))
-    flower = os.environ.get("FLOWER_BASIC_AUTH", "")
+    secrets.add(env.get("POSTGRES_PASSWORD", ""))
+    flower = env.get("FLOWER_BASIC_AUTH", "")
     secrets.update(login.partition(":")[2] for login in flower.split(","))
     for secret in sorted(secrets - {""}, key=len, reverse=True):
         if len(secret) >= 3:

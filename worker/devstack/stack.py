@@ -46,6 +46,7 @@ from worker.devstack.processes import (
 from worker.devstack.servers import HOST, EmbeddedPostgres, EmbeddedRedis
 from worker.errors import ConfigError
 from worker.flower_guard import auth_problem
+from worker.secret_files import SecretFileError, with_secret_files
 from worker.settings import DEFAULT_METRICS_PORT, Settings, redact_url
 
 # The embedded servers' ports and beat's metrics port, by their key in the data dir's state file.
@@ -152,7 +153,13 @@ def _checked_settings(child_env: Mapping[str, str]) -> Settings:
 class DevStack:
     def __init__(self, options: Options, environ: Mapping[str, str], console: Console) -> None:
         self.options = options
-        self.environ = dict(environ)
+        # <NAME>_FILE read here: the stack fills in the settings the user did
+        # not give (REDIS_URL, DATABASE_URL, FLOWER_BASIC_AUTH), so a value
+        # given as a file must count as given, and its children get one form.
+        try:
+            self.environ = with_secret_files(environ)
+        except SecretFileError as exc:
+            raise ConfigError(str(exc)) from None
         self.console = console
         self.say = console.say
         self.data = DataDir(options.data_dir.expanduser().resolve())
