@@ -285,8 +285,15 @@ def queue_depth(name: str) -> int | None:
     """
     try:
         with app.connection_for_read() as conn:
+            channel = conn.default_channel
+            if conn.transport.driver_type == "redis":
+                # LLEN of the queue's lists: kombu's passive declare asks EXISTS,
+                # which its global_keyprefix (CELERY_KEY_PREFIX) does not prefix,
+                # so with a prefix every queue looked unknown, hence empty, and
+                # the supervisor sent again batches that were still queued.
+                return int(channel._size(name))
             try:
-                declared = conn.default_channel.queue_declare(queue=name, passive=True)
+                declared = channel.queue_declare(queue=name, passive=True)
             except conn.channel_errors:
                 return 0
             return int(declared.message_count)
