@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery, signals
 
 from worker import flower_guard, process
-from worker.celery_config import build_config
+from worker.celery_config import build_config, signing_enabled
 from worker.settings import get_settings
 
 # `celery -A worker flower` imports this module before Flower opens its port:
@@ -22,6 +22,10 @@ flower_guard.check()
 
 app = Celery("worker", include=["worker.tasks"])
 app.conf.update(build_config(get_settings()))
+if signing_enabled(get_settings()):
+    # Registers the `auth` serializer (signing with CELERY_SECURITY_KEY) and
+    # disables every serializer but JSON, which results and events still use.
+    app.setup_security(allowed_serializers=["json"], serializer="json")
 
 
 @signals.worker_process_init.connect

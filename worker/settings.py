@@ -8,6 +8,7 @@ in the package reads ``os.environ``.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import tempfile
@@ -90,6 +91,12 @@ class Settings:
     # The last resort: a run still `running` with no progress for this long.
     stale_run_after_s: int = 3600
     result_expires_s: int = 86_400
+    # Signed task messages (Celery's `auth` serializer): the private key and
+    # certificate this process signs with, and the certificates (a path or a
+    # glob) whose signatures it accepts. All three, or none (no signing).
+    security_key: str = ""
+    security_certificate: str = ""
+    security_cert_store: str = ""
     beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
 
     def __repr__(self) -> str:
@@ -153,6 +160,7 @@ class Settings:
             stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 10, 604_800),
             supervise_interval_s=_int(env, "SUPERVISE_INTERVAL", d.supervise_interval_s, 1, 3600),
             result_expires_s=_int(env, "CELERY_RESULT_EXPIRES", d.result_expires_s, 60, 2_592_000),
+            **_signing(env),
         )
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
             raise ConfigError(
@@ -299,6 +307,38 @@ def _queue_names(env: Mapping[str, str], name: str, default: tuple[str, ...]) ->
             raise ConfigError(f"{name}: RabbitMQ reserves names starting with amq. (got {queue!r})")
         names.append(queue)
     return tuple(names)
+
+
+_SIGNING_VARIABLES = {
+    "security_key": "CELERY_SECURITY_KEY",
+    "security_certificate": "CELERY_SECURITY_CERTIFICATE",
+    "security_cert_store": "CELERY_SECURITY_CERT_STORE",
+}
+
+
+def _signing(env: Mapping[str, str]) -> dict[str, str]:
+    """The three signing paths: all set and readable, or none set."""
+    values = {field: env.get(name, "").strip() for field, name in _SIGNING_VARIABLES.items()}
+    missing = [_SIGNING_VARIABLES[field] for field, value in values.items() if not value]
+    if len(missing) == len(values):
+        return values
+    if missing:
+        given = [name for name in _SIGNING_VARIABLES.values() if name not in missing]
+        raise ConfigError(
+            f"signed task messages need {', '.join(_SIGNING_VARIABLES.values())} together: "
+            f"{', '.join(given)} set, {', '.join(missing)} not"
+        )
+    for field in ("security_key", "security_certificate"):
+        if not os.path.isfile(values[field]) or not os.access(values[field], os.R_OK):
+            raise ConfigError(
+                f"{_SIGNING_VARIABLES[field]}: cannot read the file {values[field]!r}"
+            )
+    if not glob.glob(values["security_cert_store"]):
+        raise ConfigError(
+            f"CELERY_SECURITY_CERT_STORE: no certificate file matches "
+            f"{values['security_cert_store']!r} (a file, or a glob like /certs/*.pem)"
+        )
+    return values
 
 
 def _check_prefix(prefix: str) -> None:
