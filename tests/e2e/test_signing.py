@@ -28,7 +28,8 @@ from worker.keys import RedisKeys
 SEND = """
 import json, sys
 from worker.celery import app
-app.send_task("worker.tasks.backup_session", kwargs={"session_id": sys.argv[1], "run_id": sys.argv[2]})
+kwargs = {"session_id": sys.argv[1], "run_id": sys.argv[2]}
+app.send_task("worker.tasks.backup_session", kwargs=kwargs)
 print(json.dumps(app.conf.task_serializer))
 """
 
@@ -84,7 +85,7 @@ def test_signed_messages_run_others_are_refused(
     # The broker's body (base64) holds the auth serializer's payload (base64 again):
     # signer, signature, content type, encoding and the JSON body, apart by \x00\x01.
     signed = base64.b64decode(base64.b64decode(messages[2]["body"]))
-    signer, signature, content_type, _, body = signed.split(b"\x00\x01", 4)
+    _signer, _signature, content_type, _, body = signed.split(b"\x00\x01", 4)
     assert (content_type, ids[1].encode() in body) == (b"application/json", True)
     # Tamper: the same signed message, now asking for another session.
     forged = signed.replace(ids[1].encode(), ids[3].encode())
@@ -127,9 +128,10 @@ def test_full_run_with_its_chord_signed(
     batches = pg_conn.execute(
         "SELECT count(*) FROM persistence_run_batches WHERE snapshot_id = %s", (run["id"],)
     ).fetchone()
-    assert batches is not None and batches[0] >= 6
+    assert batches is not None
+    assert batches[0] >= 6
     assert "Can't decode message body" not in worker.log()
-    # A restore through the workers too (the other kind of run), then a verify.
+    # A verify through the workers too (another kind of run, another chord).
     done = cli(env, "verify", "--all")
     assert done.returncode == OK, describe(done)
 
