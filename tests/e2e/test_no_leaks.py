@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.e2e.cli_helpers import OK, PARTIAL, UNAVAILABLE, cli, describe
+from tests.e2e.cli_helpers import OK, PARTIAL, cli, describe
 from tests.e2e.conftest import wait_for
 from tests.e2e.security_helpers import redis_7_binary
 from tests.factories import make_sessions
@@ -74,7 +74,9 @@ class Collected:
                 for form in forms(password):
                     if form in text:
                         at = text.index(form)
-                        found.append(f"{name} password ({form!r}) in {where}: {text[at - 80:at]!r}")
+                        found.append(
+                            f"{name} password ({form!r}) in {where}: {text[at - 80 : at]!r}"
+                        )
         return found
 
 
@@ -85,10 +87,15 @@ def servers(tmp_path: Path) -> Iterator[tuple[PostgresCluster, RedisServer]]:
         server = RedisServer(tmp_path, binary=redis_7_binary())
         try:
             setup = redis.Redis(host="127.0.0.1", port=server.port)
-            for user, name in (("admin", None), ("data", "redis data"),
-                               ("broker", "redis broker"), ("results", "redis results")):  # fmt: skip
-                secret = ADMIN if name is None else PASSWORDS[name]
-                setup.execute_command("ACL", "SETUSER", user, "on", f">{secret}", "~*", "&*", "+@all")
+            users = {
+                "admin": ADMIN,
+                "data": PASSWORDS["redis data"],
+                "broker": PASSWORDS["redis broker"],
+                "results": PASSWORDS["redis results"],
+            }
+            for user, secret in users.items():
+                rights = ("~*", "&*", "+@all")
+                setup.execute_command("ACL", "SETUSER", user, "on", f">{secret}", *rights)
             setup.execute_command("ACL", "SETUSER", "default", "off")
             setup.close()
             yield pg, server
@@ -122,6 +129,7 @@ def test_no_password_in_anything_the_system_produces(servers, tmp_path: Path) ->
     keys = RedisKeys("dnd:")
     ids = make_sessions(admin, keys, 7, 3)
     admin.zadd(keys.messages(ids[0]), {b"not json at all": 1})  # a record kept aside
+    admin.close()
 
     done = cli(env, "migrate", "up")
     assert done.returncode == OK, describe(done)
@@ -138,93 +146,19 @@ def test_no_password_in_anything_the_system_produces(servers, tmp_path: Path) ->
         processes.append(flower)
         flower_url = f"http://127.0.0.1:{flower_port}"
         wait_for(lambda: _get(f"{flower_url}/healthcheck")[0] == 200, 60, message="Flower")
-
-        # A backup (partial: one record kept aside), a restore, a verify, on the workers.
-        for args, status in (
-            (("backup", "--all"), PARTIAL),
-            (("restore", "--all", "--force"), OK),
-            (("verify", "--all"), OK),
-            (("kept", "list"), OK),
-            (("backup", "--session", ids[1]), OK),
-            (("backup", "list"), OK),
-        ):
-            done = cli(env, *args)
-            assert done.returncode == status, describe(done)
-            seen.cli(" ".join(args), done)
-        done = cli(env, "backup", "--all", "--local", "-o", "json")
-        seen.cli("backup --all --local", done)
-
-        # Failures: each server down (nothing on its port), and a wrong password.
-        closed = free_port()
-        failures = {
-            "PostgreSQL down": {"DATABASE_URL": pg.url(db="dnd").replace(str(pg.port), str(closed))},
-            "Redis down": {"REDIS_URL": redis_url(server, "data", "redis data", 0, closed)},
-            "broker down": {"CELERY_BROKER_URL": redis_url(server, "broker", "redis broker", 1, closed)},
-            "result store down": {
-                "CELERY_RESULT_BACKEND": redis_url(server, "results", "redis results", 2, closed)
-            },
-        }  # fmt: skip
-        for what, change in failures.items():
-            local = ("--local",) if what in ("PostgreSQL down", "Redis down") else ()
-            done = cli({**env, **change}, "backup", "--all", *local, "--timeout", "20")
-            assert done.returncode != OK, describe(done)
-            seen.cli(what, done)
-        wrong = {**env, "REDIS_URL": redis_url(server, "data", "redis broker", 0)}
-        done = cli(wrong, "backup", "--all", "--local")
-        assert done.returncode != OK, describe(done)
-        seen.cli("wrong Redis password", done)
-
-        # Flower: every page refuses no password and a wrong one, shows no password.
-        good = ("admin", PASSWORDS["flower"])
-        status, tasks_json = _get(f"{flower_url}/api/tasks", good)
-        assert status == 200
-        task_ids = list(json.loads(tasks_json))
-        assert task_ids
-        pages = FLOWER_PAGES + [f"/task/{task_id}" for task_id in task_ids]
-        pages += ["/worker/leakw@" + _hostname(), f"/api/task/info/{task_ids[0]}"]
-        for page in pages:
-            url = flower_url + page
-            assert _get(url)[0] == 401, page
-            assert _get(url, ("admin", "wrong"))[0] == 401, page
-            status, body = _get(url, good)
-            assert status == 200, (page, body[:300])
-            seen.add(f"Flower {page}", body)
-        for page in ("/metrics", "/healthcheck"):
-            status, body = _get(flower_url + page)
-            assert status == 200
-            seen.add(f"Flower {page}", body)
-
-        # What Celery shows about itself.
-        for args in (["inspect", "conf"], ["inspect", "stats"], ["inspect", "registered"],
-                     ["report"]):  # fmt: skip
-            done = subprocess.run(
-                [sys.executable, "-m", "celery", "-A", "worker", *args],
-                cwd=REPO, env=base_env(env), capture_output=True, text=True, timeout=60,
-                check=False,
-            )  # fmt: skip
-            assert done.returncode == 0, done.stderr
-            seen.cli("celery " + " ".join(args), done)
-
+        _runs(env, ids, seen)
+        _failures(env, pg, server, seen)
+        _flower(flower_url, seen)
+        _celery_views(env, seen)
         ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True)
         seen.add("process command lines", ps.stdout)
-        assert "celery -A worker flower" in ps.stdout or "-A worker flower" in ps.stdout
+        assert "-A worker flower" in ps.stdout
     finally:
         for process in reversed(processes):
             process.stop()
     for process in processes:
         seen.add(f"{process.name} log", process.log())
-
-    for db in (0, 1, 2):
-        for key, value in _redis_dump(server, db):
-            seen.add(f"Redis db {db} key {key!r}", f"{key!r} {value!r}")
-            if db != 0:  # Celery's keys: task messages and results, base64 bodies decoded
-                seen.add(f"Redis db {db} key {key!r} (decoded)", _decoded_bodies(value))
-    with psycopg.connect(pg.url(db="dnd")) as conn:
-        for table in ("persistence_snapshots", "persistence_session_results",
-                      "persistence_kept_records", "persistence_run_batches"):  # fmt: skip
-            rows = conn.execute(f"SELECT row_to_json(t)::text FROM {table} t").fetchall()  # noqa: S608
-            assert rows or table == "persistence_run_batches", table
-            seen.add(f"table {table}", "\n".join(row[0] for row in rows))
+    _stored(pg, server, seen)
 
     assert len(seen.items) > 40
     assert seen.leaks() == []
@@ -233,6 +167,95 @@ def test_no_password_in_anything_the_system_produces(servers, tmp_path: Path) ->
         seen.add("control", url)
         assert [leak for leak in seen.leaks() if leak.startswith(name)], name
         seen.items.pop()
+
+
+def _runs(env: dict[str, str], ids: list[str], seen: Collected) -> None:
+    """A backup (partial: one record kept aside), a restore, a verify, on the workers."""
+    for args, status in (
+        (("backup", "--all"), PARTIAL),
+        (("restore", "--all", "--force"), OK),
+        (("verify", "--all"), OK),
+        (("kept", "list"), OK),
+        (("backup", "--session", ids[1]), OK),
+        (("backup", "list"), OK),
+        (("backup", "--all", "--local", "-o", "json"), PARTIAL),
+    ):
+        done = cli(env, *args)
+        assert done.returncode == status, describe(done)
+        seen.cli(" ".join(args), done)
+
+
+def _failures(
+    env: dict[str, str], pg: PostgresCluster, server: RedisServer, seen: Collected
+) -> None:
+    """Each server down (nothing listens on its port), and a wrong password."""
+    closed = free_port()
+    broker_down = redis_url(server, "broker", "redis broker", 1, closed)
+    results_down = redis_url(server, "results", "redis results", 2, closed)
+    failures = {
+        "PostgreSQL down": {"DATABASE_URL": pg.url(db="dnd").replace(str(pg.port), str(closed))},
+        "Redis down": {"REDIS_URL": redis_url(server, "data", "redis data", 0, closed)},
+        "broker down": {"CELERY_BROKER_URL": broker_down},
+        "result store down": {"CELERY_RESULT_BACKEND": results_down},
+        "wrong Redis password": {"REDIS_URL": redis_url(server, "data", "redis broker", 0)},
+    }
+    for what, change in failures.items():
+        # The data servers down: a run in this process; Celery's: through the workers.
+        local = ("--local",) if change.keys() & {"DATABASE_URL", "REDIS_URL"} else ()
+        done = cli({**env, **change}, "backup", "--all", *local, "--timeout", "20")
+        assert done.returncode != OK, describe(done)
+        seen.cli(what, done)
+
+
+def _flower(flower_url: str, seen: Collected) -> None:
+    """Every page refuses no password and a wrong one; none shows a password."""
+    good = ("admin", PASSWORDS["flower"])
+    status, tasks_json = _get(f"{flower_url}/api/tasks", good)
+    assert status == 200
+    task_ids = list(json.loads(tasks_json))
+    assert task_ids
+    pages = FLOWER_PAGES + [f"/task/{task_id}" for task_id in task_ids]
+    pages += ["/worker/leakw@" + _hostname(), f"/api/task/info/{task_ids[0]}"]
+    for page in pages:
+        url = flower_url + page
+        assert _get(url)[0] == 401, page
+        assert _get(url, ("admin", "wrong"))[0] == 401, page
+        status, body = _get(url, good)
+        assert status == 200, (page, body[:300])
+        seen.add(f"Flower {page}", body)
+    for page in ("/metrics", "/healthcheck"):
+        status, body = _get(flower_url + page)
+        assert status == 200
+        seen.add(f"Flower {page}", body)
+
+
+def _celery_views(env: dict[str, str], seen: Collected) -> None:
+    """What Celery shows about itself: the configuration, stats, a bug report."""
+    for args in (["inspect", "conf"], ["inspect", "stats"], ["inspect", "registered"],
+                 ["report"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "worker", *args],
+            cwd=REPO, env=base_env(env), capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        seen.cli("celery " + " ".join(args), done)
+
+
+def _stored(pg: PostgresCluster, server: RedisServer, seen: Collected) -> None:
+    """Every key of the data, broker and result databases; the run records."""
+    for db in (0, 1, 2):
+        for key, value in _redis_dump(server, db):
+            seen.add(f"Redis db {db} key {key!r}", f"{key!r} {value!r}")
+            if db != 0:  # Celery's keys: task messages and results, base64 bodies decoded
+                seen.add(f"Redis db {db} key {key!r} (decoded)", _decoded_bodies(value))
+    with psycopg.connect(pg.url(db="dnd")) as conn:
+        for table in ("persistence_snapshots", "persistence_session_results",
+                      "persistence_kept_records", "persistence_run_batches"):  # fmt: skip
+            query = f"SELECT row_to_json(t)::text FROM {table} t"
+            rows = conn.execute(query.encode()).fetchall()
+            assert rows, table
+            seen.add(f"table {table}", "\n".join(row[0] for row in rows))
 
 
 def _hostname() -> str:
