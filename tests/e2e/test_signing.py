@@ -145,3 +145,28 @@ def test_signing_settings_go_together(signing_env) -> None:
     done = cli(env, "backup", "--all")
     assert done.returncode == 7, describe(done)
     assert "CELERY_SECURITY_KEY: cannot read the file" in done.stderr
+
+
+def test_the_signature_covers_the_body_not_the_task_name(
+    signing_env, workers, redis_client, keys: RedisKeys, pg_conn
+) -> None:
+    """Evidence for docs/security.md: a signed body under another task name still runs.
+
+    Celery signs the serialized body (arguments, callbacks); the task name is a
+    header. Whoever can write to the broker can turn a signed backup of a session
+    into a restore of it (same arguments). This is Celery's design, documented as
+    a limit of signing: the broker must be writable only by trusted processes.
+    """
+    [session_id] = make_sessions(redis_client, keys, 1, 2)
+    run_id = str(uuid.uuid4())
+    assert send(signing_env, session_id, run_id) == "auth"
+    key, [message] = queued(redis_client, signing_env)
+    assert message["headers"]["task"] == "worker.tasks.backup_session"
+    message["headers"]["task"] = "worker.tasks.restore_session"
+    redis_client.lset(key, 0, json.dumps(message))
+
+    workers(signing_env)
+    run = wait_for_run(pg_conn, run_id, kind="restore")
+    assert run["status"] in ("completed", "partial", "failed")
+    assert [r["id"] for r in runs(pg_conn, "restore")] == [run_id]
+    assert runs(pg_conn, "backup") == []
