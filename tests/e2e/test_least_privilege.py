@@ -32,6 +32,7 @@ PASSWORDS = {
     "BACKUP_PASSWORD": "backup-" + uuid.uuid4().hex,
     "RESTORE_PASSWORD": "restore-" + uuid.uuid4().hex,
     "DRILL_PASSWORD": "drill-" + uuid.uuid4().hex,
+    "CELERY_PASSWORD": "celery-" + uuid.uuid4().hex,
 }
 ADMIN_PASSWORD = "admin-" + uuid.uuid4().hex
 PREFIX = "dnd:"  # the prefix the documented ACL lines are written for
@@ -80,7 +81,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             setup.execute_command(
                 "ACL", "SETUSER", "admin", "on", f">{ADMIN_PASSWORD}", "~*", "&*", "+@all"
             )
-            for line in doc_block("redis-acl", PASSWORDS).splitlines():
+            lines = doc_block("redis-celery", PASSWORDS).splitlines()
+            lines += doc_block("redis-acl", PASSWORDS).splitlines()
+            for line in lines:
                 # The last line turns `default` off: `setup` is then refused.
                 setup.execute_command(*line.split())
             setup.close()
@@ -157,6 +160,32 @@ def test_backup_restore_verify_and_drill_as_restricted_users(migrated: Stack) ->
     members: Any = admin.smembers(keys.sessions)
     assert sorted(ids) == sorted(m.decode() for m in members)
     admin.close()
+
+
+def test_a_full_backup_through_a_worker_as_restricted_users(
+    migrated: Stack, workers: Any, tmp_path: Path
+) -> None:
+    """The workers as the runtime role and the backup user; Celery as its own user."""
+    admin = migrated.admin_redis()
+    keys = RedisKeys(PREFIX)
+    make_sessions(admin, keys, 5, 3)
+    total = int(admin.scard(keys.sessions))
+    admin.close()
+    celery = (
+        f"redis://dnd-celery:{PASSWORDS['CELERY_PASSWORD']}@127.0.0.1:{migrated.redis_server.port}"
+    )
+    env = {
+        **migrated.runtime_env("dnd-backup", "BACKUP_PASSWORD"),
+        "CELERY_BROKER_URL": f"{celery}/1",
+        "CELERY_RESULT_BACKEND": f"{celery}/2",
+        "BACKUP_SHARDS": "2",
+        "BACKUP_BATCH_SESSIONS": "2",
+        "BACKUP_SCHEDULE": "off",
+    }
+    workers(env, concurrency=2)
+    report = cli_json(env, "backup", "--all", "--full")
+    assert (report["status"], report["session_count"]) == ("completed", total), report
+    assert report["details"]["mode"] != "local", report
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,10 @@ def _celery_views(env: dict[str, str], seen: Collected) -> None:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         seen.cli("celery " + " ".join(args), done)
+        if args == ["inspect", "conf"]:
+            # The workers' configuration names the broker and result store (masked).
+            assert "broker_url" in done.stdout, done.stdout
+            assert "redis://broker:********@127.0.0.1" in done.stdout, done.stdout
 
 
 def _stored(pg: PostgresCluster, server: RedisServer, seen: Collected) -> None:
