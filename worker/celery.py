@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, signals
 
 from worker import flower_guard, process
-from worker.celery_config import build_config
+from worker.celery_config import build_config, signing_enabled
 from worker.settings import get_settings
 from worker.tls import tls_warning
 
@@ -36,6 +36,10 @@ for _variable, _key in (
 ):
     if os.environ.get(_variable, "").strip():
         os.environ[_variable] = _config[_key]
+if signing_enabled(get_settings()):
+    # Registers the `auth` serializer (signing with CELERY_SECURITY_KEY) and
+    # disables every serializer but JSON, which results and events still use.
+    app.setup_security(allowed_serializers=["json"], serializer="json")
 
 
 @signals.worker_process_init.connect

@@ -215,7 +215,32 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": beat_schedule(settings),
         "beat_schedule_filename": settings.beat_schedule_file,
     }
+    if signing_enabled(settings):
+        config.update(signing_config(settings))
     return config
+
+
+def signing_enabled(settings: Settings) -> bool:
+    return bool(settings.security_key)
+
+
+def signing_config(settings: Settings) -> dict[str, Any]:
+    """Signed task messages: Celery's `auth` serializer over JSON.
+
+    Every task message is signed with the private key and verified against the
+    certificates of the store; a worker accepts nothing else, so an unsigned or
+    altered message is refused before it runs. Results stay plain JSON (they
+    come from workers, which are trusted to sign). The app must then call
+    ``setup_security`` (worker/celery.py does).
+    """
+    return {
+        "task_serializer": "auth",
+        "accept_content": ["auth"],
+        "security_key": settings.security_key,
+        "security_certificate": settings.security_certificate,
+        "security_cert_store": settings.security_cert_store,
+        "security_digest": "sha256",
+    }
 
 
 def beat_schedule(settings: Settings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ settings table. Nothing else in the package reads ``os.environ``.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import tempfile
@@ -108,6 +109,12 @@ class Settings:
     # The last resort: a run still `running` with no progress for this long.
     stale_run_after_s: int = 3600
     result_expires_s: int = 86_400
+    # Signed task messages (Celery's `auth` serializer): the private key and
+    # certificate this process signs with, and the certificates (a path or a
+    # glob) whose signatures it accepts. All three, or none (no signing).
+    security_key: str = ""
+    security_certificate: str = ""
+    security_cert_store: str = ""
     beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
 
     # -- continuous protection and monitoring -------------------------------
@@ -196,6 +203,7 @@ class Settings:
             redis_sentinel_master=sentinel_master,
             redis_sentinel_password=env.get("REDIS_SENTINEL_PASSWORD", ""),
             celery_sentinel_master=_name(env, "CELERY_SENTINEL_MASTER", "") or sentinel_master,
+            **_signing(env),
         )
         _check_sentinel_urls(settings)
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
@@ -388,6 +396,38 @@ def _queue_names(env: Mapping[str, str], name: str, default: tuple[str, ...]) ->
             raise ConfigError(f"{name}: RabbitMQ reserves names starting with amq. (got {queue!r})")
         names.append(queue)
     return tuple(names)
+
+
+_SIGNING_VARIABLES = {
+    "security_key": "CELERY_SECURITY_KEY",
+    "security_certificate": "CELERY_SECURITY_CERTIFICATE",
+    "security_cert_store": "CELERY_SECURITY_CERT_STORE",
+}
+
+
+def _signing(env: Mapping[str, str]) -> dict[str, str]:
+    """The three signing paths: all set and readable, or none set."""
+    values = {field: env.get(name, "").strip() for field, name in _SIGNING_VARIABLES.items()}
+    missing = [_SIGNING_VARIABLES[field] for field, value in values.items() if not value]
+    if len(missing) == len(values):
+        return values
+    if missing:
+        given = [name for name in _SIGNING_VARIABLES.values() if name not in missing]
+        raise ConfigError(
+            f"signed task messages need {', '.join(_SIGNING_VARIABLES.values())} together: "
+            f"{', '.join(given)} set, {', '.join(missing)} not"
+        )
+    for field in ("security_key", "security_certificate"):
+        if not os.path.isfile(values[field]) or not os.access(values[field], os.R_OK):
+            raise ConfigError(
+                f"{_SIGNING_VARIABLES[field]}: cannot read the file {values[field]!r}"
+            )
+    if not glob.glob(values["security_cert_store"]):
+        raise ConfigError(
+            f"CELERY_SECURITY_CERT_STORE: no certificate file matches "
+            f"{values['security_cert_store']!r} (a file, or a glob like /certs/*.pem)"
+        )
+    return values
 
 
 def _check_prefix(prefix: str) -> None:

@@ -136,6 +136,8 @@ def test_a_dead_workers_batches_resume_within_a_minute(
     survivor = workers(celery_env, name="survivor")
     run = wait_for_run(pg_conn, run_id, timeout=MINUTE)
     recovered = time.monotonic() - died
+    # The figure of the README's Reliability section (pytest -s shows it).
+    print(f"\n{broker}: worker SIGKILLed -> run completed in {recovered:.1f} s")
 
     assert run["status"] == "completed", run
     assert run["session_count"] == 61
@@ -210,6 +212,7 @@ def test_a_killed_local_run_is_found_abandoned_by_the_next(env, redis_client, ke
     cli = _cli(env, "backup", "--all", "--local")
     run_id = _running_run(pg_conn)
     cli.kill()  # SIGKILL: no goodbye, the run stays `running`
+    killed_at = pg_conn.execute("SELECT clock_timestamp()").fetchone()[0]
     cli.communicate(timeout=30)
     assert pg_conn.execute(
         "SELECT status FROM persistence_snapshots WHERE id = %s", (run_id,)
@@ -224,6 +227,12 @@ def test_a_killed_local_run_is_found_abandoned_by_the_next(env, redis_client, ke
     assert status == "failed"
     assert error.startswith("abandoned: local@")
     assert _message_counts(pg_conn) == (90_000, 90_000)
+    (next_started,) = pg_conn.execute(
+        "SELECT min(created_at) FROM persistence_snapshots WHERE id <> %s", (run_id,)
+    ).fetchone()
+    # The figure of the README's Reliability section (pytest -s shows it).
+    waited = (next_started - killed_at).total_seconds()
+    print(f"\n--local run SIGKILLed -> the next run started {waited:.1f} s later")
 
 
 def test_a_local_run_whose_connections_are_terminated_does_not_block_the_next(

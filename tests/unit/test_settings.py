@@ -390,3 +390,51 @@ def test_continuous_settings_refuse_bad_values():
     assert "METRICS_PORT must be between 0 and 65535" in config_error({"METRICS_PORT": "70000"})
     assert Settings.from_env({"CONTINUOUS_MAX_LAG": "2.5"}).continuous_max_lag_s == 2.5
     assert Settings.from_env({"METRICS_PORT": "0"}).metrics_port == 0
+
+
+# -- signed task messages --------------------------------------------------------
+
+
+@pytest.fixture
+def signing_files(tmp_path):
+    key, cert = tmp_path / "w.key", tmp_path / "w.pem"
+    key.write_text("key")
+    cert.write_text("cert")
+    return {
+        "CELERY_SECURITY_KEY": str(key),
+        "CELERY_SECURITY_CERTIFICATE": str(cert),
+        "CELERY_SECURITY_CERT_STORE": str(tmp_path / "*.pem"),
+    }
+
+
+def test_signing_is_off_by_default():
+    settings = Settings.from_env({})
+    assert (settings.security_key, settings.security_certificate) == ("", "")
+    assert settings.security_cert_store == ""
+
+
+def test_signing_needs_all_three_settings(signing_files):
+    assert Settings.from_env(signing_files).security_key == signing_files["CELERY_SECURITY_KEY"]
+    for name in signing_files:
+        partial = {k: v for k, v in signing_files.items() if k != name}
+        message = config_error(partial)
+        assert name in message.split(" not")[0].split("set, ")[-1], message
+
+
+def test_signing_files_must_exist(signing_files, tmp_path):
+    message = config_error({**signing_files, "CELERY_SECURITY_KEY": str(tmp_path / "nope")})
+    assert message.startswith("CELERY_SECURITY_KEY: cannot read the file")
+    message = config_error({**signing_files, "CELERY_SECURITY_CERT_STORE": str(tmp_path / "x*")})
+    assert message.startswith("CELERY_SECURITY_CERT_STORE: no certificate file matches")
+
+
+def test_signing_turns_on_the_auth_serializer_for_tasks_only(signing_files):
+    from worker.celery_config import build_config
+
+    plain = build_config(Settings.from_env({}))
+    assert (plain["task_serializer"], plain["accept_content"]) == ("json", ["json"])
+    assert "security_key" not in plain
+    signed = build_config(Settings.from_env(signing_files))
+    assert (signed["task_serializer"], signed["accept_content"]) == ("auth", ["auth"])
+    assert (signed["result_serializer"], signed["result_accept_content"]) == ("json", ["json"])
+    assert signed["security_cert_store"] == signing_files["CELERY_SECURITY_CERT_STORE"]
