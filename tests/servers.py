@@ -30,8 +30,10 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server` on 127.0.0.1, a port and a folder of its own; nothing kept on disk."""
 
-    def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
+    def __init__(
+        self, workdir: Path, *extra: str, port: int | None = None, binary: str | None = None
+    ) -> None:
+        binary = binary or shutil.which("redis-server")
         if binary is None:
             raise AssertionError("redis-server is not installed (it comes with Redis)")
         self.binary = binary

@@ -17,9 +17,11 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.errors
 import redis
+import redis.cluster
 import redis.exceptions
 
 from worker.errors import (
+    ConfigError,
     DndError,
     LockTimeout,
     SchemaNotReady,
@@ -63,24 +65,68 @@ def connect_postgres(settings: Settings) -> psycopg.Connection[Any]:
         return psycopg.connect(settings.database_url, **postgres_kwargs(settings))
 
 
+# What every client of the application's data gets: raw bytes in, raw bytes out.
+_DATA_CLIENT_OPTIONS: dict[str, Any] = {
+    # RESP2: redis-py 8 speaks RESP3 by default, where every zset score of a
+    # backup's reads goes through a slow conversion in Python (measured:
+    # 0.95 -> 0.57 us per message read with RESP2).
+    "protocol": 2,
+    "decode_responses": False,
+    "socket_connect_timeout": 10,
+    "socket_timeout": 120,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+    "retry_on_timeout": False,
+}
+
+
 def connect_redis(url: str, *, setting: str = "REDIS_URL") -> redis.Redis:
     """A Redis client for the application's data: raw bytes in, raw bytes out."""
-    client = redis.Redis.from_url(
-        url,
-        # RESP2: redis-py 8 speaks RESP3 by default, where every zset score of a
-        # backup's reads goes through a slow conversion in Python (measured:
-        # 0.95 -> 0.57 us per message read with RESP2).
-        protocol=2,
-        decode_responses=False,
-        socket_connect_timeout=10,
-        socket_timeout=120,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry_on_timeout=False,
-    )
+    client = redis.Redis.from_url(url, **_DATA_CLIENT_OPTIONS)
     with redis_errors(url, setting):
         client.ping()
     return client
+
+
+# -- Redis Cluster (REDIS_CLUSTER=1) -----------------------------------------
+
+# A data client: one Redis, or a Redis Cluster (same commands; see redis_store).
+DataRedis = redis.Redis | redis.cluster.RedisCluster
+
+
+def connect_data_redis(
+    settings: Settings, url: str | None = None, *, setting: str = "REDIS_URL"
+) -> DataRedis:
+    """The application's Redis: a RedisCluster when REDIS_CLUSTER=1, else one Redis.
+
+    ``url`` (default REDIS_URL) names one node of a cluster; redis-py asks it
+    for the others and follows MOVED/ASK redirections (resharding, failover).
+    """
+    url = url or settings.redis_url
+    if settings.redis_cluster:
+        return connect_cluster(url, setting=setting)
+    return connect_redis(url, setting=setting)
+
+
+def connect_cluster(url: str, *, setting: str = "REDIS_URL") -> redis.cluster.RedisCluster:
+    database = redis.connection.parse_url(url).get("db") or 0  # type: ignore[no-untyped-call]
+    if int(database) != 0:
+        raise ConfigError(f"{setting}: a Redis Cluster has only database 0 (got /{database})")
+    with redis_errors(url, setting):
+        # Connects to the named node and discovers the others, or raises.
+        client = redis.cluster.RedisCluster.from_url(url, **_DATA_CLIENT_OPTIONS)
+        client.ping()
+    return client
+
+
+def is_cluster_node(url: str, *, setting: str = "REDIS_URL") -> bool:
+    """Whether the Redis at ``url`` is a node of a cluster (INFO cluster)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30)
+    try:
+        with redis_errors(url, setting):
+            return bool(client.info("cluster").get("cluster_enabled"))
+    finally:
+        client.close()
 
 
 def one_line(text: str) -> str:
@@ -219,5 +265,11 @@ def redis_errors(url: str, setting: str = "REDIS_URL") -> Iterator[None]:
         for password in passwords_in([url]):
             detail = detail.replace(password, "***")
         raise ServiceUnavailable("Redis", setting, f"{redact_url(url)}: {detail}") from exc
+    except (redis.exceptions.ClusterDownError, redis.exceptions.RedisClusterException) as exc:
+        # A cluster without a reachable node, or with slots no node serves.
+        detail = one_line(str(exc))
+        for password in passwords_in([url]):
+            detail = detail.replace(password, "***")
+        raise ServiceUnavailable("Redis Cluster", setting, f"{redact_url(url)}: {detail}") from exc
     except redis.exceptions.RedisError as exc:
         raise StoreError(f"Redis: {one_line(str(exc))}") from exc

@@ -7,11 +7,11 @@ target's URL (and its password) through the broker would show it in Flower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import redis
+import redis.cluster
 
-from worker.connections import connect_redis, redis_errors
+from worker.connections import DataRedis, connect_data_redis, is_cluster_node, redis_errors
 from worker.errors import InvalidArgument
 from worker.keys import RedisKeys
 from worker.models import RestoreOptions, Run, VerifyOptions
@@ -46,7 +46,10 @@ def run_drill(
     prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
     # An error connecting names the option that gave the URL, not REDIS_URL.
     setting = "--target-redis" if target_url else "REDIS_URL"
-    target = RedisStore(connect_redis(url, setting=setting), RedisKeys(prefix), url)
+    # A target of another Redis may be a cluster or not, whatever REDIS_CLUSTER says.
+    cluster = is_cluster_node(url, setting=setting) if target_url else settings.redis_cluster
+    client = connect_data_redis(replace(settings, redis_cluster=cluster), url, setting=setting)
+    target = RedisStore(client, RedisKeys(prefix), url)
     try:
         _refuse_live_target(services, target.client, url, prefix)
         drill = Services(
@@ -68,7 +71,7 @@ def run_drill(
         target.client.close()
 
 
-def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefix: str) -> None:
+def _refuse_live_target(services: Services, client: DataRedis, url: str, prefix: str) -> None:
     """The target must not be the live data: another prefix, or another Redis."""
     settings = services.settings
     live = settings.redis_key_prefix
@@ -94,14 +97,18 @@ def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefi
         )
 
 
-def _identity(client: redis.Redis) -> tuple[str, int]:
+def _identity(client: DataRedis) -> tuple[str, int]:
+    if isinstance(client, redis.cluster.RedisCluster):
+        # A cluster: the IDs of its nodes, as any node knows them.
+        nodes = client.cluster_nodes()
+        return ",".join(sorted(str(node["node_id"]) for node in nodes.values())), 0
     info = client.info("server")
     # The database the client uses (redis-py reads ?db= before the URL's path).
     database = int(client.connection_pool.connection_kwargs.get("db") or 0)
     return str(info["run_id"]), database
 
 
-def _delete_prefix(client: redis.Redis, url: str, prefix: str) -> int:
+def _delete_prefix(client: DataRedis, url: str, prefix: str) -> int:
     removed = 0
     with redis_errors(url, "--target-redis"):
         batch: list[bytes] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from worker.connections import connect_postgres, connect_redis
+from worker.connections import connect_data_redis, connect_postgres
 from worker.keys import RedisKeys
 from worker.migrate import require_schema
 from worker.pg_store import PostgresStore
@@ -40,7 +40,7 @@ def redis_store(
     settings: Settings, url: str | None = None, prefix: str | None = None
 ) -> RedisStore:
     url = url or settings.redis_url
-    client = connect_redis(url)
+    client = connect_data_redis(settings, url)
     keys = RedisKeys(settings.redis_key_prefix if prefix is None else prefix)
     return RedisStore(client, keys, url)
 

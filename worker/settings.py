@@ -41,6 +41,8 @@ POSTGRES_DEFAULTS = {
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_key_prefix: str = DEFAULT_KEY_PREFIX
+    # REDIS_URL names one node of a Redis Cluster; the others are discovered.
+    redis_cluster: bool = False
     database_url: str = ""
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str = DEFAULT_RESULT_BACKEND
@@ -112,6 +114,7 @@ class Settings:
         settings = cls(
             redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
             redis_key_prefix=prefix,
+            redis_cluster=_flag(env, "REDIS_CLUSTER"),
             database_url=database_url,
             database_url_setting=database_setting,
             broker_url=_url(
@@ -272,6 +275,16 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """An on/off setting: 1/true/yes/on or 0/false/no/off (unset or empty: off)."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0 (got {raw!r})")
 
 
 def _name(env: Mapping[str, str], name: str, default: str) -> str:
