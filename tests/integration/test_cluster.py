@@ -1,7 +1,7 @@
 """Redis Cluster as the application's Redis (REDIS_CLUSTER=1), against a real cluster.
 
 The module starts 3 primaries with a replica each (`redis-server --cluster-enabled
-yes` ×6, `redis-cli --cluster create`), on free ports, and stops them by PID.
+yes` x6, `redis-cli --cluster create`), on free ports, and stops them by PID.
 Each test has a key prefix of its own on it, and a database of its own.
 """
 
@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from tests.integration.helpers import backup_run, message_count, restore_run, sc
 from worker.drill import run_drill
 from worker.keys import RedisKeys
 from worker.models import RunStatus, SessionStatus
+from worker.redis_store import FIRST_PAGES_AT_ONCE
 from worker.services import open_services
 from worker.settings import Settings
 
@@ -218,7 +218,7 @@ def backup_while(
     def backup() -> None:
         try:
             runs.append(backup_run(cservices))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # handed to the test
             errors.append(exc)
 
     thread = threading.Thread(target=backup)
@@ -317,3 +317,39 @@ def test_a_slot_migration_during_a_backup_loses_and_duplicates_nothing(
     assert scalar(pg_conn, "SELECT count(DISTINCT id) FROM client_messages") == stored
     assert scalar(pg_conn, "SELECT count(*) FROM client_sessions") == 400
     assert runs[-1].status is RunStatus.COMPLETED
+
+
+# -- reading: first pages grouped, the rest page by page -------------------------
+
+
+def tied_sessions(client: Any, keys: RedisKeys) -> dict[str, set[bytes]]:
+    """Sessions of 0 to 400 members, many sharing a score (ties across page ends)."""
+    members: dict[str, set[bytes]] = {}
+    for size in (0, 1, 9, 10, 11, 40, 137, 330, 331, 400, 800):
+        sid = str(uuid.uuid4())
+        scored = {f"{sid}:{i}".encode(): i // 7 for i in range(size)}
+        if scored:
+            client.zadd(keys.messages(sid), scored)
+        members[sid] = set(scored)
+    return members
+
+
+@pytest.mark.parametrize("where", ["single", "cluster"])
+def test_read_many_reads_every_member_once(
+    where: str, settings: Settings, cenv: dict[str, str]
+) -> None:
+    env_settings = settings if where == "single" else Settings.from_env(cenv)
+    with open_services(env_settings, worker_name="test-worker") as services:
+        store = services.redis
+        expected = tied_sessions(store.client, store.keys)
+        requests = [(sid, None) for sid in expected] + [(next(iter(expected)), 3.0)]
+        got: dict[int, list[bytes]] = {}
+        # chunk 320: first pages of 320 / FIRST_PAGES_AT_ONCE = 10 members, then pages of 320.
+        assert 320 // FIRST_PAGES_AT_ONCE == 10
+        for index, page in store.read_many(requests, 320):
+            got.setdefault(index, []).extend(member for member, _score in page)
+    for index, (sid, after) in enumerate(requests):
+        read = got.get(index, [])
+        assert len(read) == len(set(read)), f"session {index} read a member twice"
+        wanted = {m for m in expected[sid] if after is None or int(m.split(b":")[1]) // 7 > after}
+        assert set(read) == wanted
