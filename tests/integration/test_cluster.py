@@ -7,6 +7,7 @@ Each test has a key prefix of its own on it, and a database of its own.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -21,6 +22,9 @@ import redis.cluster
 from tests.cluster import RedisCluster, redis_cluster
 from tests.factories import add_messages, make_sessions, message, session_fields, write_session
 from tests.integration.helpers import backup_run, message_count, restore_run, scalar, verify_run
+from tests.processes import run_cli
+from tests.servers import free_port
+from worker import exit_codes
 from worker.drill import run_drill
 from worker.keys import RedisKeys
 from worker.models import RunStatus, SessionStatus
@@ -353,3 +357,43 @@ def test_read_many_reads_every_member_once(
         assert len(read) == len(set(read)), f"session {index} read a member twice"
         wanted = {m for m in expected[sid] if after is None or int(m.split(b":")[1]) // 7 > after}
         assert set(read) == wanted
+
+
+# -- the command line, as a user types it ----------------------------------------
+
+
+def test_cli_backup_verify_and_restore_on_a_cluster(
+    cenv: dict[str, str], rc: Any, ckeys: RedisKeys, pg_conn: Any
+) -> None:
+    make_sessions(rc, ckeys, 12, 5)
+    backup = run_cli(cenv, "backup", "--all", "--local", "--output", "json")
+    assert backup.returncode == 0, backup.stderr
+    assert json.loads(backup.stdout)["message_count"] == 60
+    verify = run_cli(cenv, "verify", "--all", "--local", "--output", "json")
+    assert verify.returncode == 0, verify.stderr
+    delete_under(rc, ckeys.prefix)
+    restore = run_cli(cenv, "restore", "--all", "--local", "--output", "json")
+    assert restore.returncode == 0, restore.stderr
+    assert rc.scard(ckeys.sessions) == 12
+
+
+def test_cli_errors_of_a_cluster_setting(cenv: dict[str, str], cluster: RedisCluster) -> None:
+    wrong_db = {**cenv, "REDIS_URL": cluster.url.replace("/0", "/3")}
+    other_db = run_cli(wrong_db, "backup", "--all", "--local")
+    assert other_db.returncode == exit_codes.CONFIG
+    assert (
+        other_db.stderr.strip()
+        .splitlines()[-1]
+        .endswith("REDIS_URL: a Redis Cluster has only database 0 (got /3)")
+    )
+    nobody = run_cli(
+        {**cenv, "REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"},
+        "backup", "--all", "--local",
+    )  # fmt: skip
+    assert nobody.returncode == exit_codes.UNAVAILABLE
+    assert "cannot reach Redis Cluster" in nobody.stderr
+    assert "check REDIS_URL" in nobody.stderr
+    assert "s3cret" not in nobody.stderr
+    bad_flag = run_cli({**cenv, "REDIS_CLUSTER": "maybe"}, "backup", "--all", "--local")
+    assert bad_flag.returncode == exit_codes.CONFIG
+    assert "REDIS_CLUSTER must be 1 or 0" in bad_flag.stderr
