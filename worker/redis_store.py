@@ -5,6 +5,10 @@ bytes the application wrote) and the key names, and speaks in bytes, floats and
 the dataclasses of :mod:`worker.models`. Bulk reads go through pipelines; the
 swap that makes a restored session visible is one Lua script, so a reader sees
 the old session or the new one, never half of either.
+
+The client may be a ``RedisCluster`` (REDIS_CLUSTER=1): every command then names
+one key, or keys of one slot, and pipelines are split per node by redis-py. The
+swap is then made key by key in a reader-safe order (:mod:`worker.cluster_swap`).
 """
 
 from __future__ import annotations

@@ -115,6 +115,21 @@ def test_backup_and_verify_read_every_session_wherever_it_lives(
     assert message_count(pg_conn) == 60 * 7 + 3
 
 
+def test_a_key_of_the_wrong_type_fails_its_session_not_the_batch(
+    cservices: Any, rc: Any, ckeys: RedisKeys, pg_conn: Any
+) -> None:
+    ids = make_sessions(rc, ckeys, 10, 3)
+    broken = write_session(rc, ckeys, session_fields())
+    rc.set(ckeys.messages(broken), "not a zset")
+
+    run = backup_run(cservices)
+
+    results = {r.session_id: r.status for r in cservices.pg.run_results(run.id)}
+    assert results[broken] is SessionStatus.FAILED
+    assert all(results[sid] is SessionStatus.COMPLETED for sid in ids)
+    assert message_count(pg_conn) == 30
+
+
 def test_restore_writes_every_key_in_its_slot_and_leaves_no_staging(
     cservices: Any, rc: Any, ckeys: RedisKeys
 ) -> None:
