@@ -103,19 +103,20 @@ class RedisCluster:
         return next(node for node in self.nodes if node.port == port)
 
     def wait_ok(self, timeout: float = 60) -> None:
-        """Until every live node says the cluster is ok and agrees on the primaries."""
+        """Until every live node says the cluster is ok and every slot is on a live primary."""
         deadline = time.monotonic() + timeout
+        live = {node.port for node in self.nodes if node.proc and node.proc.poll() is None}
         while True:
             states = []
-            for node in self.nodes:
-                if node.proc is None or node.proc.poll() is not None:
-                    continue
+            for port in live:
                 with contextlib.suppress(redis.exceptions.RedisError):
-                    client = self.client(node.port)
+                    client = self.client(port)
                     try:
                         info = client.execute_command("CLUSTER", "INFO")
                         states.append(b"cluster_state:ok" in info)
-                        states.append(bool(client.execute_command("CLUSTER", "SLOTS")))
+                        slots = client.execute_command("CLUSTER", "SLOTS")
+                        owners = {int(entry[2][1]) for entry in slots}
+                        states.append(bool(slots) and owners <= live)
                     finally:
                         client.close()
             if states and all(states):

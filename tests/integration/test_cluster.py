@@ -225,7 +225,7 @@ def test_drill_from_a_cluster_into_a_single_redis(
 
 
 def backup_while(
-    cservices: Any, change: Any, pg_conn: Any, total_sessions: int
+    cservices: Any, change: Any, pg_conn: Any, recover: Any = None
 ) -> tuple[list[Any], int]:
     """Back up (again until complete) while ``change()`` runs once sessions are being stored.
 
@@ -253,8 +253,10 @@ def backup_while(
     thread.join(300)
     assert not thread.is_alive()
     # A batch that met the change may have failed (a transient error, retried
-    # by Celery): the next run backs up what it did not.
+    # by Celery once the cluster has recovered): the next run backs up what it did not.
     if errors or runs[-1].status is not RunStatus.COMPLETED:
+        if recover is not None:
+            recover()
         runs.append(backup_run(cservices))
     return runs, done_at_change
 
@@ -294,8 +296,35 @@ def test_a_primary_failover_during_a_backup_loses_and_duplicates_nothing(
             client.close()
 
     for services in slow_batches(cenv):
-        runs, done_before = backup_while(services, failover, pg_conn, len(ids))
+        runs, done_before = backup_while(services, failover, pg_conn)
     assert done_before < len(ids), "the backup ended before the failover began"
+    assert replica in cluster.primaries()
+    stored = message_count(pg_conn)
+    assert stored == count_in_redis(rc, ckeys, ids) == 400 * 20
+    assert scalar(pg_conn, "SELECT count(DISTINCT id) FROM client_messages") == stored
+    assert scalar(pg_conn, "SELECT count(*) FROM client_sessions") == 400
+    assert runs[-1].status is RunStatus.COMPLETED
+
+
+def test_a_killed_primary_during_a_backup_loses_and_duplicates_nothing(
+    cluster: RedisCluster, cenv: dict[str, str], rc: Any, ckeys: RedisKeys, pg_conn: Any
+) -> None:
+    ids = make_sessions(rc, ckeys, 400, 20)
+    primary = rc.get_node_from_key(ckeys.messages(ids[-1])).port
+    replica = cluster.replica_of(primary)
+    victim = cluster.node_by_port(primary)
+
+    def kill() -> None:
+        victim.kill()  # SIGKILL: its replica is promoted after cluster-node-timeout (2 s)
+
+    try:
+        for services in slow_batches(cenv):
+            runs, done_before = backup_while(services, kill, pg_conn, cluster.wait_ok)
+    finally:
+        # Back as an empty node: it rejoins as the replica of the promoted one.
+        victim.start()
+        cluster.wait_ok()
+    assert done_before < len(ids), "the backup ended before the primary was killed"
     assert replica in cluster.primaries()
     stored = message_count(pg_conn)
     assert stored == count_in_redis(rc, ckeys, ids) == 400 * 20
@@ -328,7 +357,7 @@ def test_a_slot_migration_during_a_backup_loses_and_duplicates_nothing(
         )  # fmt: skip
 
     for services in slow_batches(cenv):
-        runs, done_before = backup_while(services, reshard, pg_conn, len(ids))
+        runs, done_before = backup_while(services, reshard, pg_conn)
     assert done_before < len(ids), "the backup ended before the migration began"
     assert len(moved_before) == 3
     stored = message_count(pg_conn)
