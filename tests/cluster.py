@@ -103,7 +103,8 @@ class RedisCluster:
         return next(node for node in self.nodes if node.port == port)
 
     def wait_ok(self, timeout: float = 60) -> None:
-        """Until every live node says the cluster is ok and every slot is on a live primary."""
+        """Until every live node says the cluster is ok, every slot is on a live primary
+        and every replica is in sync with its primary."""
         deadline = time.monotonic() + timeout
         live = {node.port for node in self.nodes if node.proc and node.proc.poll() is None}
         while True:
@@ -117,6 +118,11 @@ class RedisCluster:
                         slots = client.execute_command("CLUSTER", "SLOTS")
                         owners = {int(entry[2][1]) for entry in slots}
                         states.append(bool(slots) and owners <= live)
+                        # A replica that never synced may not fail over
+                        # (cluster-replica-validity-factor): wait until it has.
+                        replication = client.info("replication")
+                        if replication.get("role") == "slave":
+                            states.append(replication.get("master_link_status") == "up")
                     finally:
                         client.close()
             if states and all(states):

@@ -7,6 +7,7 @@ Each test has a key prefix of its own on it, and a database of its own.
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import threading
@@ -306,6 +307,11 @@ def test_a_primary_failover_during_a_backup_loses_and_duplicates_nothing(
     assert runs[-1].status is RunStatus.COMPLETED
 
 
+# A --local run that stops on an error leaves the connection of a batch thread
+# still at work open (worker/runner.py: "the ones at work ... roll back if the
+# process exits"); in a test, the process goes on and psycopg warns when it is
+# collected. Collected here, so that the warning belongs to this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_killed_primary_during_a_backup_loses_and_duplicates_nothing(
     cluster: RedisCluster, cenv: dict[str, str], rc: Any, ckeys: RedisKeys, pg_conn: Any
 ) -> None:
@@ -313,6 +319,7 @@ def test_a_killed_primary_during_a_backup_loses_and_duplicates_nothing(
     primary = rc.get_node_from_key(ckeys.messages(ids[-1])).port
     replica = cluster.replica_of(primary)
     victim = cluster.node_by_port(primary)
+    cluster.wait_ok()  # its replica in sync, so that it may take over
 
     def kill() -> None:
         victim.kill()  # SIGKILL: its replica is promoted after cluster-node-timeout (2 s)
@@ -324,6 +331,7 @@ def test_a_killed_primary_during_a_backup_loses_and_duplicates_nothing(
         # Back as an empty node: it rejoins as the replica of the promoted one.
         victim.start()
         cluster.wait_ok()
+    gc.collect()
     assert done_before < len(ids), "the backup ended before the primary was killed"
     assert replica in cluster.primaries()
     stored = message_count(pg_conn)
