@@ -1,6 +1,7 @@
 """Backup/restore benchmark: the engine against the floor of what the servers can take.
 
     python bench/backup_restore.py [--sessions N] [--messages M] [--repeat K] [--json] [--keep]
+                                   [--cluster]
 
 Makes its own PostgreSQL database and Redis key prefix (random names), fills Redis with
 N x M messages in the contract layout, and measures, in this order:
@@ -14,6 +15,9 @@ N x M messages in the contract layout, and measures, in this order:
   full restore       `dnd-client restore --all --local`, our Redis keys deleted first
   bare write (floor) the restored members, scores and hashes, built beforehand, written
                      again to another prefix with pipelined ZADDs of 5000 members
+
+With --cluster, the same against a Redis Cluster of 3 primaries the benchmark starts
+itself (REDIS_CLUSTER=1 for the children; needs the repository on PYTHONPATH).
 
 The database and the keys are dropped at the end, also on error or Ctrl-C (not with
 --keep). Exit status 0 whatever the targets; 1 when something could not be measured.
@@ -46,7 +50,7 @@ import redis
 from psycopg import sql
 
 from worker import migrate
-from worker.connections import connect_postgres, connect_redis
+from worker.connections import DataRedis, connect_cluster, connect_postgres, connect_redis
 from worker.errors import DndError
 from worker.keys import RedisKeys
 from worker.models import MessageRow, Session
@@ -319,16 +323,37 @@ def code_version() -> str:
     return f"{commit or '?'} worker/{digest.hexdigest()[:10]}"
 
 
+@contextlib.contextmanager
+def data_redis(args: argparse.Namespace) -> Iterator[tuple[str, DataRedis, dict[str, str]]]:
+    """The Redis to fill: --redis-url, or a cluster of 3 primaries started for the run."""
+    if not args.cluster:
+        yield args.redis_url, connect_redis(args.redis_url), {}
+        return
+    sys.path.insert(0, str(REPO))
+    from tests.cluster import redis_cluster
+
+    with tempfile.TemporaryDirectory() as folder, redis_cluster(Path(folder), 3, 0) as cluster:
+        log(f"started a Redis Cluster of 3 primaries: {cluster.primaries()}")
+        yield cluster.url, connect_cluster(cluster.url), {"REDIS_CLUSTER": "1"}
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with data_redis(args) as (redis_url, r, extra_env):
+        return bench_on(args, redis_url, r, extra_env)
+
+
+def bench_on(
+    args: argparse.Namespace, redis_url: str, r: Any, extra_env: dict[str, str]
+) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     keys, floor_keys = RedisKeys(f"bench-{tag}:"), RedisKeys(f"bench-{tag}-floor:")
     total = args.sessions * args.messages
-    r = connect_redis(args.redis_url)
     figures: dict[str, Any] = {"sessions": args.sessions, "messages_per_session": args.messages}
+    figures["redis"] = "cluster of 3 primaries" if args.cluster else "one Redis"
     try:
         with bench_database(args.admin_url, args.keep) as db_url:
-            env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": args.redis_url,
-                   "REDIS_KEY_PREFIX": keys.prefix}  # fmt: skip
+            env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": redis_url,
+                   "REDIS_KEY_PREFIX": keys.prefix, **extra_env}  # fmt: skip
             settings = Settings.from_env(env)  # the children's settings, batch sizes included
             migrate.up(settings)
             log(f"filling {keys.prefix}*: {args.sessions} sessions x {args.messages} messages")
@@ -415,7 +440,7 @@ def report(fig: dict[str, Any]) -> str:
             "" if p.rss_mb is None else f"{p.rss_mb:.0f} MB", vs, target,
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [f"{fig['sessions']} sessions x {fig['messages_per_session']} messages "
+    lines = [f"{fig['redis']}: {fig['sessions']} sessions x {fig['messages_per_session']} messages "
              f"({fig['avg_message_bytes']} bytes each on average), code {fig['code']}, load "
              f"{fig['load_average']}; best of {len(fig['cold backup'].runs)}", ""]  # fmt: skip
     for row in table:
@@ -445,6 +470,7 @@ def main() -> int:
         default=os.getenv("DND_BENCH_REDIS_URL", REDIS_URL),
         help="env DND_BENCH_REDIS_URL",
     )
+    add("--cluster", action="store_true", help="start a Redis Cluster of 3 primaries and use it")
     add("--json", action="store_true", help="print the figures as JSON")
     add("--keep", action="store_true", help="leave the database and the keys (debugging)")
     args = parser.parse_args()

@@ -91,7 +91,7 @@ def main() -> int:
                     "REDIS_SENTINEL_MASTER": group.master,
                 }
             )
-            client, _label = connect_data_redis(settings)
+            client = connect_data_redis(settings)
             rounds = []
             try:
                 for _ in range(args.repeat):

@@ -19,12 +19,14 @@ import psycopg
 import psycopg.errors
 import redis
 import redis.backoff
+import redis.cluster
 import redis.connection
 import redis.exceptions
 import redis.retry
 import redis.sentinel
 
 from worker.errors import (
+    ConfigError,
     DndError,
     LockTimeout,
     SchemaNotReady,
@@ -68,24 +70,77 @@ def connect_postgres(settings: Settings) -> psycopg.Connection[Any]:
         return psycopg.connect(settings.database_url, **postgres_kwargs(settings))
 
 
+# What every client of the application's data gets: raw bytes in, raw bytes out.
+_DATA_CLIENT_OPTIONS: dict[str, Any] = {
+    # RESP2: redis-py 8 speaks RESP3 by default, where every zset score of a
+    # backup's reads goes through a slow conversion in Python (measured:
+    # 0.95 -> 0.57 us per message read with RESP2).
+    "protocol": 2,
+    "decode_responses": False,
+    "socket_connect_timeout": 10,
+    "socket_timeout": 120,
+    "socket_keepalive": True,
+    "health_check_interval": 30,
+    "retry_on_timeout": False,
+}
+
+
 def connect_redis(url: str, *, setting: str = "REDIS_URL") -> redis.Redis:
     """A Redis client for the application's data: raw bytes in, raw bytes out."""
-    client = redis.Redis.from_url(
-        url,
-        # RESP2: redis-py 8 speaks RESP3 by default, where every zset score of a
-        # backup's reads goes through a slow conversion in Python (measured:
-        # 0.95 -> 0.57 us per message read with RESP2).
-        protocol=2,
-        decode_responses=False,
-        socket_connect_timeout=10,
-        socket_timeout=120,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry_on_timeout=False,
-    )
+    client = redis.Redis.from_url(url, **_DATA_CLIENT_OPTIONS)
     with redis_errors(url, setting):
         client.ping()
     return client
+
+
+# -- Redis Cluster (REDIS_CLUSTER=1) -----------------------------------------
+
+# A data client: one Redis, or a Redis Cluster (same commands; see redis_store).
+DataRedis = redis.Redis | redis.cluster.RedisCluster
+
+
+def connect_data_redis(
+    settings: Settings, url: str | None = None, *, setting: str = "REDIS_URL"
+) -> DataRedis:
+    """The application's Redis: the primary the sentinels name (REDIS_SENTINELS),
+    a RedisCluster (REDIS_CLUSTER=1), or one Redis.
+
+    ``url``: another Redis than the configured one (a drill's target), of the
+    same kind. A cluster's URL names one node; redis-py asks it for the others
+    and follows MOVED/ASK redirections (resharding, failover).
+    """
+    if url is None and settings.redis_sentinels:
+        return connect_sentinel_primary(RedisTarget.of(settings))
+    url = url or settings.redis_url
+    if settings.redis_cluster:
+        return connect_cluster(url, setting=setting)
+    return connect_redis(url, setting=setting)
+
+
+def data_redis_label(settings: Settings) -> str:
+    """How messages name the application's Redis; never a password."""
+    return RedisTarget.of(settings).label
+
+
+def connect_cluster(url: str, *, setting: str = "REDIS_URL") -> redis.cluster.RedisCluster:
+    database = redis.connection.parse_url(url).get("db") or 0  # type: ignore[no-untyped-call]
+    if int(database) != 0:
+        raise ConfigError(f"{setting}: a Redis Cluster has only database 0 (got /{database})")
+    with redis_errors(url, setting):
+        # Connects to the named node and discovers the others, or raises.
+        client = redis.cluster.RedisCluster.from_url(url, **_DATA_CLIENT_OPTIONS)
+        client.ping()
+    return client
+
+
+def is_cluster_node(url: str, *, setting: str = "REDIS_URL") -> bool:
+    """Whether the Redis at ``url`` is a node of a cluster (INFO cluster)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30)
+    try:
+        with redis_errors(url, setting):
+            return bool(client.info("cluster").get("cluster_enabled"))
+    finally:
+        client.close()
 
 
 def one_line(text: str) -> str:
@@ -224,6 +279,12 @@ def redis_errors(url: str, setting: str = "REDIS_URL") -> Iterator[None]:
         for password in passwords_in([url]):
             detail = detail.replace(password, "***")
         raise ServiceUnavailable("Redis", setting, f"{redact_url(url)}: {detail}") from exc
+    except (redis.exceptions.ClusterDownError, redis.exceptions.RedisClusterException) as exc:
+        # A cluster without a reachable node, or with slots no node serves.
+        detail = one_line(str(exc))
+        for password in passwords_in([url]):
+            detail = detail.replace(password, "***")
+        raise ServiceUnavailable("Redis Cluster", setting, f"{redact_url(url)}: {detail}") from exc
     except redis.exceptions.RedisError as exc:
         raise StoreError(f"Redis: {one_line(str(exc))}") from exc
 
@@ -260,14 +321,6 @@ class RedisTarget:
             return redact_url(self.url)
         listed = ",".join(f"{host}:{port}" for host, port in self.sentinels)
         return f"primary {self.master!r} of the sentinels {listed} (REDIS_SENTINELS)"
-
-
-def connect_data_redis(settings: Settings) -> tuple[redis.Redis, str]:
-    """A client of the application's Redis, and how error messages name it."""
-    target = RedisTarget.of(settings)
-    if target.sentinels:
-        return connect_sentinel_primary(target), target.label
-    return connect_redis(target.url), target.url
 
 
 # Inside one command, ride out a failover (the sentinels' down-after time plus

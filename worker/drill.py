@@ -7,11 +7,11 @@ target's URL (and its password) through the broker would show it in Flower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import redis
+import redis.cluster
 
-from worker.connections import connect_data_redis, connect_redis, redis_errors
+from worker.connections import DataRedis, connect_data_redis, is_cluster_node, redis_errors
 from worker.errors import InvalidArgument
 from worker.keys import RedisKeys
 from worker.models import RestoreOptions, Run, VerifyOptions
@@ -45,10 +45,15 @@ def run_drill(
     prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
     if target_url:
         # An error connecting names the option that gave the URL, not REDIS_URL.
+        # Another Redis may be a cluster or not, whatever REDIS_CLUSTER says.
         url = target_url
-        client = connect_redis(url, setting="--target-redis")
+        cluster = is_cluster_node(url, setting="--target-redis")
+        client = connect_data_redis(
+            replace(settings, redis_cluster=cluster), url, setting="--target-redis"
+        )
     else:
-        client, url = connect_data_redis(settings)  # REDIS_URL, or behind Sentinel
+        url = settings.redis_url  # the live Redis (behind Sentinel: the primary they name)
+        client = connect_data_redis(settings)
     target = RedisStore(client, RedisKeys(prefix), url)
     try:
         _refuse_live_target(services, target.client, url, prefix)
@@ -71,7 +76,7 @@ def run_drill(
         target.client.close()
 
 
-def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefix: str) -> None:
+def _refuse_live_target(services: Services, client: DataRedis, url: str, prefix: str) -> None:
     """The target must not be the live data: another prefix, or another Redis."""
     settings = services.settings
     live = settings.redis_key_prefix
@@ -97,14 +102,18 @@ def _refuse_live_target(services: Services, client: redis.Redis, url: str, prefi
         )
 
 
-def _identity(client: redis.Redis) -> tuple[str, int]:
+def _identity(client: DataRedis) -> tuple[str, int]:
+    if isinstance(client, redis.cluster.RedisCluster):
+        # A cluster: the IDs of its nodes, as any node knows them.
+        nodes = client.cluster_nodes()
+        return ",".join(sorted(str(node["node_id"]) for node in nodes.values())), 0
     info = client.info("server")
     # The database the client uses (redis-py reads ?db= before the URL's path).
     database = int(client.connection_pool.connection_kwargs.get("db") or 0)
     return str(info["run_id"]), database
 
 
-def _delete_prefix(client: redis.Redis, url: str, prefix: str) -> int:
+def _delete_prefix(client: DataRedis, url: str, prefix: str) -> int:
     removed = 0
     with redis_errors(url, "--target-redis"):
         batch: list[bytes] = []

@@ -35,3 +35,13 @@ class RedisKeys:
         given an expiry, so a crashed restore leaves nothing behind for long.
         """
         return f"{self.prefix}restore-staging:{run_id}:{session_id}:messages"
+
+    def restore_staging_in_slot(self, run_id: str, session_id: str) -> str:
+        """The staging key of a restore into a Redis Cluster.
+
+        Its hash tag is the messages key, so it lives in that key's slot (on
+        the same node) and can be renamed over it. Only the staging key's slot
+        changes: the application's keys carry no hash tag (a prefix cannot
+        hold braces), so they stay where the application put them.
+        """
+        return f"{self.prefix}restore-staging:{run_id}:{{{self.messages(session_id)}}}"

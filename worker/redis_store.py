@@ -5,6 +5,10 @@ bytes the application wrote) and the key names, and speaks in bytes, floats and
 the dataclasses of :mod:`worker.models`. Bulk reads go through pipelines; the
 swap that makes a restored session visible is one Lua script, so a reader sees
 the old session or the new one, never half of either.
+
+The client may be a ``RedisCluster`` (REDIS_CLUSTER=1): every command then names
+one key, or keys of one slot, and pipelines are split per node by redis-py. The
+swap is then made key by key in a reader-safe order (:mod:`worker.cluster_swap`).
 """
 
 from __future__ import annotations
@@ -15,14 +19,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
+import redis.cluster
 
-from worker.connections import one_line, redis_errors
+from worker.cluster_swap import swap_in
+from worker.connections import DataRedis, one_line, redis_errors
 from worker.keys import RedisKeys
 from worker.models import Watermark
 
 # Pages a backup's reader thread may hold ahead of the COPY (memory: at most
 # this many pages of BACKUP_CHUNK_MESSAGES members).
 PREFETCH_PAGES = 4
+# The first pages of this many sessions are read in one pipeline (one round
+# trip; in a cluster, one per node, all nodes at once), each at most
+# BACKUP_CHUNK_MESSAGES / FIRST_PAGES_AT_ONCE members: memory stays within one
+# page's worth. Longer sessions go on page by page.
+FIRST_PAGES_AT_ONCE = 32
 _DONE = object()
 
 # Staging keys of a restore expire if the restore dies before swapping them in.
@@ -106,11 +117,19 @@ class SessionCommit:
 
 
 class RedisStore:
-    def __init__(self, client: redis.Redis, keys: RedisKeys, url: str) -> None:
+    def __init__(self, client: DataRedis, keys: RedisKeys, url: str) -> None:
         self.client = client
         self.keys = keys
         self._url = url
+        # A Redis Cluster (REDIS_CLUSTER=1): a session's keys live in different
+        # slots, so no command or script may name two of them (CROSSSLOT).
+        self.cluster = isinstance(client, redis.cluster.RedisCluster)
         self._commit = client.register_script(_COMMIT_SESSION)
+
+    def _staging(self, run_id: str, session_id: str) -> str:
+        if self.cluster:
+            return self.keys.restore_staging_in_slot(run_id, session_id)
+        return self.keys.restore_staging(run_id, session_id)
 
     def ping(self) -> None:
         with redis_errors(self._url):
@@ -185,8 +204,14 @@ class RedisStore:
             page: list[tuple[bytes, float]] = self.client.zrangebyscore(  # type: ignore[assignment]
                 key, low, "+inf", start=0, num=chunk, withscores=True
             )
+        yield from self._pages_after(key, page, chunk, chunk)
+
+    def _pages_after(
+        self, key: str, page: list[tuple[bytes, float]], asked: int, chunk: int
+    ) -> Iterator[list[tuple[bytes, float]]]:
+        """``page`` (``asked`` members were asked for), then the pages after it."""
         while page:
-            if len(page) < chunk:
+            if len(page) < asked:
                 yield page
                 return
             last = page[-1][1]
@@ -198,7 +223,7 @@ class RedisStore:
             have = {member for member, score in page if score == last}
             page.extend((member, score) for member, score in group if member not in have)
             yield page
-            page = next_page
+            page, asked = next_page, chunk
 
     def read_many(
         self, requests: Sequence[tuple[str, float | None]], chunk: int
@@ -232,13 +257,38 @@ class RedisStore:
     ) -> None:
         """The reader thread of ``read_many``: pages into ``pages``, then _DONE or the error."""
         try:
-            for index, (session_id, after) in enumerate(requests):
-                for page in self.read_messages(session_id, after, chunk):
-                    if not pages.put((index, page)):
-                        return
+            for start in range(0, len(requests), FIRST_PAGES_AT_ONCE):
+                group = requests[start : start + FIRST_PAGES_AT_ONCE]
+                if not self._read_group(start, group, chunk, pages):
+                    return
             pages.put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             pages.put(exc)
+
+    def _read_group(
+        self,
+        start: int,
+        group: Sequence[tuple[str, float | None]],
+        chunk: int,
+        pages: _Handoff,
+    ) -> bool:
+        """The first pages of ``group`` in one pipeline, then the rest of each; False: stopped."""
+        first = max(chunk // FIRST_PAGES_AT_ONCE, 10)
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for session_id, after in group:
+                low = "-inf" if after is None else f"({after!r}"
+                pipe.zrangebyscore(
+                    self.keys.messages(session_id), low, "+inf", start=0, num=first,
+                    withscores=True,
+                )  # fmt: skip
+            firsts = pipe.execute()
+        for offset, ((session_id, _after), page) in enumerate(zip(group, firsts, strict=True)):
+            key = self.keys.messages(session_id)
+            for part in self._pages_after(key, page, first, chunk):
+                if not pages.put((start + offset, part)):
+                    return False
+        return True
 
     # -- restore ------------------------------------------------------------
 
@@ -247,9 +297,11 @@ class RedisStore:
         with redis_errors(self._url):
             pipe = self.client.pipeline(transaction=False)
             for session_id in session_ids:
-                pipe.exists(self.keys.session(session_id), self.keys.messages(session_id))
-            replies = pipe.execute()
-        return {sid for sid, count in zip(session_ids, replies, strict=True) if count}
+                # One key per command: in a cluster the two are in different slots.
+                pipe.exists(self.keys.session(session_id))
+                pipe.exists(self.keys.messages(session_id))
+            replies = iter(pipe.execute())
+        return {sid for sid in session_ids if next(replies) + next(replies)}
 
     def stage(self, run_id: str, members: Mapping[str, Mapping[bytes, int]]) -> None:
         """Add members to the staging zsets of several sessions, in one round trip."""
@@ -257,7 +309,7 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=False)
             for session_id, scored in members.items():
                 if scored:
-                    key = self.keys.restore_staging(run_id, session_id)
+                    key = self._staging(run_id, session_id)
                     pipe.zadd(key, scored)
                     pipe.expire(key, STAGING_TTL_S)
             pipe.execute()
@@ -268,6 +320,10 @@ class RedisStore:
         Returns the script's answer per session (1 swapped in, 0 exists, -1 the
         staging key was incomplete).
         """
+        if self.cluster:
+            assert isinstance(self.client, redis.cluster.RedisCluster)
+            with redis_errors(self._url):
+                return swap_in(self.client, self.keys, run_id, commits, force=force)
         with redis_errors(self._url):
             pipe = self.client.pipeline(transaction=False)
             for commit in commits:
@@ -291,4 +347,4 @@ class RedisStore:
         if not session_ids:
             return
         with redis_errors(self._url):
-            self.client.delete(*(self.keys.restore_staging(run_id, sid) for sid in session_ids))
+            self.client.delete(*(self._staging(run_id, sid) for sid in session_ids))

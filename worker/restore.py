@@ -12,7 +12,9 @@ it reads of them cannot change under it):
 3. swap each session in with one Lua script: check again that it does not exist
    (unless ``force``), replace the hash, rename the staging zset over the
    messages key, add the ID to the sessions set. A reader sees the session as
-   it was, or as restored; never half of it.
+   it was, or as restored; never half of it. (In a Redis Cluster the keys are
+   in different slots: they are written one by one in a reader-safe order,
+   see worker/cluster_swap.py and docs/cluster.md.)
 """
 
 from __future__ import annotations

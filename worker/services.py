@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from worker.connections import connect_data_redis, connect_postgres, connect_redis
+from worker.connections import connect_data_redis, connect_postgres, data_redis_label
 from worker.keys import RedisKeys
 from worker.migrate import require_schema
 from worker.pg_store import PostgresStore
@@ -39,13 +39,11 @@ def local_worker_name() -> str:
 def redis_store(
     settings: Settings, url: str | None = None, prefix: str | None = None
 ) -> RedisStore:
-    """The application's Redis (``url``: another one, e.g. a drill's target)."""
-    if url is None:
-        client, url = connect_data_redis(settings)
-    else:
-        client = connect_redis(url)
+    client = connect_data_redis(settings, url)
+    # How errors name it: the URL, or behind Sentinel the primary they name.
+    label = url or data_redis_label(settings)
     keys = RedisKeys(settings.redis_key_prefix if prefix is None else prefix)
-    return RedisStore(client, keys, url)
+    return RedisStore(client, keys, label)
 
 
 @contextlib.contextmanager

@@ -49,6 +49,8 @@ POSTGRES_DEFAULTS = {
 class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     redis_key_prefix: str = DEFAULT_KEY_PREFIX
+    # REDIS_URL names one node of a Redis Cluster; the others are discovered.
+    redis_cluster: bool = False
     database_url: str = ""
     broker_url: str = DEFAULT_BROKER_URL
     result_backend: str = DEFAULT_RESULT_BACKEND
@@ -152,6 +154,7 @@ class Settings:
         settings = cls(
             redis_url=_url(env, "REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss", "unix")),
             redis_key_prefix=prefix,
+            redis_cluster=_bool(env, "REDIS_CLUSTER", d.redis_cluster),
             database_url=database_url,
             database_url_setting=database_setting,
             broker_url=_url(
@@ -462,6 +465,9 @@ def _host_port(name: str, item: str) -> tuple[str, int]:
 
 def _check_sentinel_urls(settings: Settings) -> None:
     """A sentinel:// broker or result backend: every part sentinel://, and a master name."""
+    if settings.redis_sentinels and settings.redis_cluster:
+        # A cluster fails over on its own; Sentinel watches one primary.
+        raise ConfigError("REDIS_CLUSTER and REDIS_SENTINELS cannot both be set: choose one")
     if settings.redis_sentinels and not settings.redis_url.startswith(("redis://", "rediss://")):
         raise ConfigError(
             "with REDIS_SENTINELS, REDIS_URL gives the primary's password, database and TLS: "

@@ -102,3 +102,14 @@ def test_passwords_of_sentinel_settings_never_show():
     for secret in ("datapw", "sentinelpw", "brokerpw"):
         assert secret not in shown
     assert "s1.example:26379,s2.example:26380,::1:26381" in RedisTarget.of(settings).label
+
+
+def test_cluster_and_sentinels_are_refused_together():
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER and REDIS_SENTINELS"):
+        Settings.from_env(
+            {
+                "REDIS_CLUSTER": "1",
+                "REDIS_SENTINELS": "127.0.0.1:26379",
+                "REDIS_SENTINEL_MASTER": "dnd-data",
+            }
+        )
