@@ -38,6 +38,7 @@ from worker.models import (
     SessionResult,
     Watermark,
 )
+from worker.pg_history import ChunkHistory, HistoryContext, HistoryQueries
 from worker.settings import Settings
 from worker.sql import QUERIES
 
@@ -87,6 +88,8 @@ class MergeOutcome:
     stored: int
     # message ID -> why it was not merged ("duplicate", or the owning session's ID)
     rejected: dict[str, str]
+    # What history recorded of the chunk (None: history not recorded).
+    history: ChunkHistory | None = None
 
 
 @postgres_boundary
@@ -154,7 +157,7 @@ class MessageCopy:
 
 
 @postgres_boundary
-class PostgresStore:
+class PostgresStore(HistoryQueries):
     def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
         self.conn = conn
         self.settings = settings
@@ -234,7 +237,9 @@ class PostgresStore:
             self._merge_tables_ready = True
         self._execute("reset_merge_seen", None)
 
-    def merge_chunk(self, rows: Sequence[MessageRow]) -> MergeOutcome:
+    def merge_chunk(
+        self, rows: Sequence[MessageRow], history: HistoryContext | None = None
+    ) -> MergeOutcome:
         """Merge rows of one session: insert new, update edited, reject conflicts.
 
         The slow, safe path: staged with COPY, then merged with one INSERT ...
@@ -251,13 +256,16 @@ class PostgresStore:
             rejected = _rejects(cur.execute(QUERIES["merge_rejects"]))
             if rejected:
                 cur.execute(QUERIES["drop_merge_rejects"], {"ids": list(rejected)})
+            changes = None
+            if history is not None:
+                changes = self.history_merge_chunk(history.top, history.at, history.run_id)
             cur.execute(QUERIES["merge_messages"])
             stored = cur.rowcount
             # Another session's backup may have committed one of these IDs after
             # merge_rejects looked; ON CONFLICT then skipped the row: reject it too.
             rejected.update(_rejects(cur.execute(QUERIES["merge_late_rejects"])))
             cur.execute(QUERIES["clear_merge_staging"])
-        return MergeOutcome(stored, rejected)
+        return MergeOutcome(stored, rejected, changes)
 
     def save_watermarks(self, watermarks: Sequence[Watermark], run_id: str | None) -> None:
         self._execute_many("save_watermark", [_params(w, snapshot_id=run_id) for w in watermarks])
@@ -385,6 +393,7 @@ class PostgresStore:
         expected_sessions: int | None = None,
         kept: int = 0,
         details: dict[str, Any] | None = None,
+        as_of: datetime | None = None,
     ) -> Run:
         """Insert a `running` run row (see ensure_run); returns it."""
         run, _created = self.ensure_run(
@@ -395,6 +404,7 @@ class PostgresStore:
             expected_sessions=expected_sessions,
             kept=kept,
             details=details,
+            as_of=as_of,
         )
         return run
 
@@ -408,6 +418,7 @@ class PostgresStore:
         expected_sessions: int | None = None,
         kept: int = 0,
         details: dict[str, Any] | None = None,
+        as_of: datetime | None = None,
     ) -> tuple[Run, bool]:
         """The run ``run_id``, inserted `running` unless it exists: (run, created).
 
@@ -422,6 +433,7 @@ class PostgresStore:
             "expected_sessions": expected_sessions,
             "kept_count": kept,
             "details": json.dumps(details or {}),
+            "as_of": as_of,
         }
         try:
             # A savepoint when inside a transaction: the violation undoes the

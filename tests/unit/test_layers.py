@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
         "__init__ errors exit_codes settings keys models records checksums sharding sql "
         "flower_guard",
     ),
-    ("stores", "connections pg_store redis_store migrate"),
+    ("stores", "connections pg_history pg_store redis_store migrate"),
     ("engines", "engine backup_plan backup restore verify"),
     ("runs", "services runner runs supervise process drill"),
     ("celery", "celery_config celery celery_runs tasks"),
