@@ -97,6 +97,8 @@ class BackupEngine(Engine[BackupOptions]):
     # Record history (docs/architecture.md, "History"). Off only in
     # bench/history.py, to measure what history costs.
     record_history = True
+    # The moment of the last batch's capture (the restore's undo point).
+    captured_at: datetime | None = None
 
     def coverage(self) -> Coverage:
         ids, bad = self.listed_sessions()
@@ -119,7 +121,7 @@ class BackupEngine(Engine[BackupOptions]):
             marks = self.pg.watermarks(ids)
             probes = self.redis.probe(ids, marks)
             # The moment of this capture: when the backup looked at Redis.
-            at = datetime.now(UTC)
+            at = self.captured_at = datetime.now(UTC)
             full = self.options.full
             sessions = [
                 SessionProgress(

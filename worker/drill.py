@@ -36,6 +36,7 @@ def run_drill(
     target_prefix: str | None,
     session_id: str | None = None,
     force: bool = False,
+    as_of: str | None = None,
     cleanup: bool = False,
     restore_progress: Progress | None = None,
     verify_progress: Progress | None = None,
@@ -55,15 +56,51 @@ def run_drill(
         label = f"{redact_url(url)} prefix {prefix!r}"
         details = {"drill": True, "target": label}
         ids = None if session_id is None else [session_id]
+        # Not live data: nothing it replaces goes into history.
+        restore = RestoreOptions(force=force, as_of=as_of, keep_replaced=False)
         restored = run_local(
-            drill, RestoreOptions(force=force), session_ids=ids, progress=restore_progress,
+            drill, restore, session_ids=ids, progress=restore_progress,
             details=details,
         )  # fmt: skip
         verified = run_local(
-            drill, VerifyOptions(), session_ids=ids, progress=verify_progress, details=details
+            drill,
+            VerifyOptions(as_of=as_of),
+            session_ids=ids,
+            progress=verify_progress,
+            details=details,
         )
         removed = _delete_prefix(target.client, url, prefix) if cleanup else None
         return DrillReport(restore=restored, verify=verified, target=label, cleaned_up=removed)
+    finally:
+        target.client.close()
+
+
+def verify_target(
+    services: Services,
+    options: VerifyOptions,
+    *,
+    target_url: str | None,
+    target_prefix: str | None,
+    session_id: str | None = None,
+    progress: Progress | None = None,
+) -> Run:
+    """Verify another Redis or prefix (a drill's copy) against PostgreSQL, in this process.
+
+    With ``options.as_of``: against the state history holds for that moment.
+    Read-only: the target may be anything, the live data included.
+    """
+    settings = services.settings
+    url = target_url or settings.redis_url
+    prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
+    setting = "--target-redis" if target_url else "REDIS_URL"
+    target = RedisStore(connect_redis(url, setting=setting), RedisKeys(prefix), url)
+    try:
+        on_target = Services(
+            settings=settings, pg=services.pg, redis=target, worker_name=services.worker_name
+        )
+        details = {"target": f"{redact_url(url)} prefix {prefix!r}"}
+        ids = None if session_id is None else [session_id]
+        return run_local(on_target, options, session_ids=ids, progress=progress, details=details)
     finally:
         target.client.close()
 

@@ -35,3 +35,11 @@ class RedisKeys:
         given an expiry, so a crashed restore leaves nothing behind for long.
         """
         return f"{self.prefix}restore-staging:{run_id}:{session_id}:messages"
+
+    def restore_replaced(self, run_id: str) -> RedisKeys:
+        """Where a forced restore keeps the session it replaces, until history has it.
+
+        The same layout under a prefix of its own: ``{prefix}restore-replaced:{run}:``.
+        The keys expire, like staging keys.
+        """
+        return RedisKeys(f"{self.prefix}restore-replaced:{run_id}:")
