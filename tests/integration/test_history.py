@@ -31,18 +31,15 @@ def dump(client: Any, prefix: str) -> dict[str, Any]:
     """Everything under a prefix: each session's hash and scored members, and the set."""
     keys = RedisKeys(prefix)
     listed = sorted(m.decode() for m in client.smembers(keys.sessions))
-    return {
-        "sessions": listed,
-        **{
-            sid: {
-                "hash": {k.decode(): v.decode() for k, v in client.hgetall(keys.session(sid)).items()},
-                "messages": sorted(
-                    (m.decode(), s) for m, s in client.zrange(keys.messages(sid), 0, -1, withscores=True)
-                ),
-            }
-            for sid in listed
-        },
-    }  # fmt: skip
+    found: dict[str, Any] = {"sessions": listed}
+    for sid in listed:
+        fields = client.hgetall(keys.session(sid))
+        members = client.zrange(keys.messages(sid), 0, -1, withscores=True)
+        found[sid] = {
+            "hash": {k.decode(): v.decode() for k, v in fields.items()},
+            "messages": sorted((m.decode(), s) for m, s in members),
+        }
+    return found
 
 
 def state(client: Any, prefix: str, *, live_only: bool = False) -> dict[str, Any]:
@@ -136,7 +133,8 @@ def test_restore_as_of_gives_the_state_then(services, redis_client, keys, table,
     assert later.verify.status is RunStatus.COMPLETED, later.verify.error
     assert state(redis_client, f"{drills}p1:") == live_t1
     assert table["d"][0] not in live_t1
-    assert at_t0.restore.session_count == 4 and at_t1.restore.session_count == 3
+    assert at_t0.restore.session_count == 4
+    assert at_t1.restore.session_count == 3
 
     # The current tables still serve the current state, and keep what Redis lost.
     sid_b = table["b"][0]
@@ -187,8 +185,10 @@ def test_a_late_message_belongs_to_the_state_from_its_capture(services, redis_cl
         p: {json.loads(m)["id"] for m, _ in dump(redis_client, f"{drills}{p}:")[sid]["messages"]}
         for p in ("x1", "x2")
     }  # fmt: skip
-    assert late["id"] not in ids_at["x1"] and len(ids_at["x1"]) == 5
-    assert late["id"] in ids_at["x2"] and len(ids_at["x2"]) == 6
+    assert late["id"] not in ids_at["x1"]
+    assert len(ids_at["x1"]) == 5
+    assert late["id"] in ids_at["x2"]
+    assert len(ids_at["x2"]) == 6
 
 
 def test_prune_folds_history_and_refuses_older_restores(
@@ -200,7 +200,8 @@ def test_prune_folds_history_and_refuses_older_restores(
     t1 = moment()
     drill(services, f"{drills}before:", as_of=t1)
     folded = services.pg.fold_history(datetime.fromisoformat(t1))
-    assert folded["sessions"] == 4 and folded["captures"] == 4
+    assert folded["sessions"] == 4
+    assert folded["captures"] == 4
     drill(services, f"{drills}after:", as_of=t1)
     assert dump(redis_client, f"{drills}after:") == dump(redis_client, f"{drills}before:")
     earlier = (datetime.fromisoformat(t1) - timedelta(seconds=1)).isoformat()
@@ -267,7 +268,8 @@ def test_forced_restore_keeps_every_write_of_a_writer(services, redis_client, ke
             undo,
         )
     }
-    assert written and len(written) > 10
+    assert written
+    assert len(written) > 10
     lost = [w for w in written if w not in live and w not in kept]
     assert lost == []
     # Both sides hold writes: some were replaced (history), some came after the swap.
