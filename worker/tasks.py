@@ -226,3 +226,19 @@ def prune_runs(
         removed = services.pg.prune(keep=keep, before=before)
     log.info("pruned run records: %s", removed)
     return removed
+
+
+@app.task(name="worker.tasks.prune_history", bind=True, **RETRY_POLICY)
+def prune_history(self: Task, older_than_days: int | None = None) -> dict[str, int]:
+    """Fold history older than the window into the state at its start (HISTORY_KEEP_DAYS).
+
+    Never the current tables; restores as of a moment before the window are refused.
+    """
+    days = older_than_days if older_than_days is not None else get_settings().history_keep_days
+    if not days:
+        return {}
+    before = datetime.now(UTC) - timedelta(days=days)
+    with process.task_services(worker_name(self)) as services:
+        folded = services.pg.fold_history(before)
+    log.info("folded history before %s: %s", before.isoformat(), folded)
+    return folded

@@ -145,6 +145,7 @@ def list_runs(limit: int, kind: str, output: str) -> int:
             "kept",
             "failed",
             "duration",
+            "as of",
         ),
         rows=[
             (
@@ -158,6 +159,7 @@ def list_runs(limit: int, kind: str, output: str) -> int:
                 r.kept_count,
                 r.failed_count,
                 format_duration(r.duration_ms) if r.done else "running",
+                r.as_of.astimezone(UTC).isoformat() if r.as_of else "",
             )
             for r in runs
         ],
