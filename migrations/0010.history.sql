@@ -108,7 +108,10 @@ RETURNS TABLE (
 )
 LANGUAGE sql STABLE AS $$
     WITH cap AS (
-        SELECT DISTINCT ON (c.session_id) c.session_id, c.max_score FROM history_captures c
+        -- floor(epoch ms of created_at) <= max_score, as one timestamp per session.
+        SELECT DISTINCT ON (c.session_id) c.session_id,
+               to_timestamp((floor(c.max_score) + 1) / 1000) AS until
+        FROM history_captures c
         WHERE c.session_id = ANY(ids) AND c.captured_at <= t
         ORDER BY c.session_id, c.captured_at DESC
     ),
@@ -141,7 +144,7 @@ LANGUAGE sql STABLE AS $$
     LEFT JOIN earlier e ON e.message_id = m.id
     WHERE m.session_id = ANY(ids)
       AND CASE WHEN l.message_id IS NOT NULL THEN l.at <= t
-               ELSE floor(extract(epoch FROM m.created_at) * 1000) <= cap.max_score END
+               ELSE m.created_at < cap.until END
       AND p.change IS DISTINCT FROM 'removed'
 $$;
 
