@@ -72,11 +72,15 @@ class RestoreEngine(Engine[RestoreOptions]):
         """
         ids = [r.session_id for r in results]
         try:
+            # The replaced zset is the one the watermarks describe (renamed): an
+            # incremental backup reads only what was written since the last one.
             before = self._history_backup(
                 self.redis.with_keys(self.keys.restore_replaced(staging_run)), ids,
-                f"replaced by restore {staging_run}",
+                f"replaced by restore {staging_run}", full=False,
             )  # fmt: skip
-            self._history_backup(self.redis, ids, f"restored by {staging_run}")
+            # What was restored may differ from the stored rows by content only
+            # (an edit undone): read it all.
+            self._history_backup(self.redis, ids, f"restored by {staging_run}", full=True)
         finally:
             with contextlib.suppress(DndError):
                 self.redis.discard_replaced(staging_run, ids)
@@ -84,9 +88,11 @@ class RestoreEngine(Engine[RestoreOptions]):
             assert result.details is not None
             result.details["undo_as_of"] = before.isoformat() if before else None
 
-    def _history_backup(self, store: RedisStore, ids: list[str], note: str) -> datetime | None:
+    def _history_backup(
+        self, store: RedisStore, ids: list[str], note: str, *, full: bool
+    ) -> datetime | None:
         engine = BackupEngine(
-            store, self.pg, BackupOptions(full=True), chunk_messages=self.chunk,
+            store, self.pg, BackupOptions(full=full), chunk_messages=self.chunk,
             shard_of=self.shard_of, worker_name=self.worker_name,
         )  # fmt: skip
         engine.history_note = note
