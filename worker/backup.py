@@ -271,7 +271,9 @@ class BackupEngine(Engine[BackupOptions]):
 
         Returns the capture's moment (the merge path records with it).
         """
-        stored = [s for s in sessions if s.plan.row_stored and not s.plan.failed]
+        # A session never backed up (no watermark) was never captured either: a
+        # cold backup asks nothing here.
+        stored = [s for s in sessions if s.plan.mark is not None and not s.plan.failed]
         if not stored:
             return at
         tops = self.pg.last_captures([s.session_id for s in stored])
