@@ -13,7 +13,10 @@ A batch of sessions is backed up in one PostgreSQL transaction:
 4. upsert changed session rows, stream new and appended messages with one COPY
    straight into client_messages, then merge the rest through a staging table;
 5. store the new watermarks, the kept-aside records and the per-session results,
-   and commit: all of it or none of it.
+   and commit: all of it or none of it;
+6. record history in the same transaction (docs/architecture.md, "History"):
+   one capture row per session that changed (when, what it saw), the session
+   rows it replaced, and only the exceptional messages: late, removed, edited.
 
 If the COPY meets a message ID that is already stored (an ID reused across
 sessions, or twice in one session), the batch is rolled back and redone with
@@ -25,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from worker.backup_plan import MessagePlan, SessionPlan, plan_session
 from worker.checksums import MessageChecksum, message_digest, session_digest
@@ -38,6 +42,7 @@ from worker.models import (
     SessionStatus,
     Watermark,
 )
+from worker.pg_history import Capture, HistoryContext
 from worker.pg_store import MessageCopy
 from worker.records import RecordRejected, parse_message, peek_message_id
 
@@ -61,6 +66,15 @@ class SessionProgress:
     written: MessageChecksum = field(default_factory=MessageChecksum)
     # What PostgreSQL holds for the session after this run, when it changed.
     checksum: MessageChecksum | None = None
+    # History: whether the session was captured before, the highest score
+    # captured so far, and what this capture changed.
+    captured_before: bool = False
+    top: float | None = None
+    hash_changed: bool = False
+    edited: int = 0
+    late: int = 0
+    removed: int = 0
+    late_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for record in self.plan.kept:
@@ -80,6 +94,12 @@ class SessionProgress:
 
 
 class BackupEngine(Engine[BackupOptions]):
+    # Record history (docs/architecture.md, "History"). Off only in
+    # bench/history.py, to measure what history costs.
+    record_history = True
+    # The moment of the last batch's capture (the restore's undo point).
+    captured_at: datetime | None = None
+
     def coverage(self) -> Coverage:
         ids, bad = self.listed_sessions()
         return Coverage(ids, bad)
@@ -100,6 +120,8 @@ class BackupEngine(Engine[BackupOptions]):
             self.pg.lock_sessions(ids)
             marks = self.pg.watermarks(ids)
             probes = self.redis.probe(ids, marks)
+            # The moment of this capture: when the backup looked at Redis.
+            at = self.captured_at = datetime.now(UTC)
             full = self.options.full
             sessions = [
                 SessionProgress(
@@ -110,17 +132,19 @@ class BackupEngine(Engine[BackupOptions]):
                 )
                 for sid in ids
             ]  # fmt: skip
+            history = self._history_before(sessions, at, run_id) if self.record_history else None
             self.pg.upsert_sessions([s.plan.session for s in sessions if s.plan.session])
             overhead = (time.monotonic() - batch_started) / max(len(sessions), 1)
 
             self._copy_new_messages([s for s in sessions if s.plan.messages.copies], run_id)
             for progress in sessions:
                 if progress.plan.messages is MessagePlan.MERGE:
-                    self._merge_messages(progress)
+                    self._merge_messages(progress, history, run_id)
 
-            self.pg.save_watermarks(
-                [m for m in (_next_watermark(s) for s in sessions) if m is not None], run_id
-            )
+            watermarks = {s.session_id: _next_watermark(s) for s in sessions}
+            self.pg.save_watermarks([m for m in watermarks.values() if m is not None], run_id)
+            if history is not None:
+                self._record_captures(sessions, watermarks, at, run_id)
             self._record_checksums(sessions, run_id)
             self.pg.keep_records([r for s in sessions for r in s.kept], run_id)
             for progress in sessions:
@@ -165,6 +189,8 @@ class BackupEngine(Engine[BackupOptions]):
                 copy.write(row)
                 progress.stored += 1
                 progress.written.add(message_digest(row))
+                if progress.top is not None and score <= progress.top:
+                    progress.late_ids.append(row[0])
                 if lossy:
                     progress.keep(self._kept_message(sid, key, raw, score, lossy))
         progress.pages_read(len(page), page[-1][1])
@@ -174,14 +200,21 @@ class BackupEngine(Engine[BackupOptions]):
             progress.kept.clear()
         progress.seconds += time.monotonic() - started
 
-    def _merge_messages(self, progress: SessionProgress) -> None:
+    def _merge_messages(
+        self, progress: SessionProgress, history: datetime | None, run_id: str | None
+    ) -> None:
         started = time.monotonic()
         sid = progress.session_id
         self.pg.begin_merge()
+        context = None if history is None else HistoryContext(progress.top, history, run_id)
         for page in self.redis.read_messages(sid, None, self.chunk):
             chunk = self._merge_chunk_rows(progress, page)
-            outcome = self.pg.merge_chunk([row for row, _raw, _score in chunk.values()])
+            rows = [row for row, _raw, _score in chunk.values()]
+            outcome = self.pg.merge_chunk(rows, context)
             progress.stored += outcome.stored
+            if outcome.history is not None:
+                progress.edited += outcome.history.edited
+                progress.late += outcome.history.late
             for message_id, owner in outcome.rejected.items():
                 _row, raw, score = chunk[message_id]
                 reason = (
@@ -191,6 +224,8 @@ class BackupEngine(Engine[BackupOptions]):
                 )
                 progress.keep(self._kept_message(sid, self.keys.messages(sid), raw, score, reason))
             progress.pages_read(len(page), page[-1][1])
+        if history is not None and progress.captured_before:
+            progress.removed = self.pg.history_removed(sid, history, run_id)
         progress.seconds += time.monotonic() - started
 
     def _merge_chunk_rows(
@@ -226,6 +261,81 @@ class BackupEngine(Engine[BackupOptions]):
             message_id=peek_message_id(raw),
             score=score,
         )
+
+    # -- history --------------------------------------------------------------
+
+    def _history_before(
+        self, sessions: Sequence[SessionProgress], at: datetime, run_id: str | None
+    ) -> datetime:
+        """Before anything is written: what history saw so far, and the rows about to change.
+
+        Returns the capture's moment (the merge path records with it).
+        """
+        # A session never backed up (no watermark) was never captured either: a
+        # cold backup asks nothing here.
+        stored = [s for s in sessions if s.plan.mark is not None and not s.plan.failed]
+        if not stored:
+            return at
+        tops = self.pg.last_captures([s.session_id for s in stored])
+        for progress in stored:
+            if progress.session_id in tops:
+                progress.captured_before = True
+                progress.top = tops[progress.session_id]
+        changing = [s for s in stored if s.plan.session is not None and s.plan.mark is not None]
+        if changing:
+            rows = self.pg.sessions([s.session_id for s in changing])
+            replaced = []
+            for progress in changing:
+                old = rows.get(progress.session_id)
+                new = progress.plan.session
+                assert new is not None
+                if old is not None and session_digest(old) != session_digest(new):
+                    progress.hash_changed = True
+                    replaced.append(progress.session_id)
+            self.pg.save_session_versions(replaced, at, run_id)
+        return at
+
+    def _record_captures(
+        self,
+        sessions: Sequence[SessionProgress],
+        watermarks: dict[str, Watermark | None],
+        at: datetime,
+        run_id: str | None,
+    ) -> None:
+        """One capture row per session this backup found changed (or saw first)."""
+        captures = []
+        for progress in sessions:
+            plan = progress.plan
+            if plan.failed or plan.skipped or not plan.row_stored:
+                continue
+            self.pg.record_late(progress.session_id, progress.late_ids, at, run_id)
+            added = progress.stored - progress.edited
+            changed = added or progress.hash_changed or progress.removed or progress.edited
+            if progress.captured_before and not changed:
+                continue
+            mark = watermarks.get(progress.session_id) or plan.mark
+            read_top = progress.last_score if progress.read else None
+            top = max(
+                (v for v in (progress.top, read_top, mark.max_score if mark else None)
+                 if v is not None),
+                default=None,
+            )  # fmt: skip
+            captures.append(
+                Capture(
+                    session_id=progress.session_id,
+                    message_count=mark.message_count if mark else 0,
+                    max_score=top,
+                    hash_changed=progress.hash_changed or not progress.captured_before,
+                    added=added,
+                    removed=progress.removed,
+                    edited=progress.edited,
+                    late=progress.late + len(progress.late_ids),
+                )
+            )
+        self.pg.record_captures(captures, at, run_id, self.history_note)
+
+    # Why this backup captures (a note in history_captures; the restore's undo sets it).
+    history_note: str | None = None
 
     # -- bookkeeping --------------------------------------------------------
 

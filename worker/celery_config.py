@@ -278,6 +278,14 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": prune,
             "kwargs": {"older_than_days": settings.prune_keep_days},
         }
+    if settings.history_keep_days:
+        # Fold history older than the window (restores before it are refused).
+        entries["prune-history"] = {
+            "task": "worker.tasks.prune_history",
+            "schedule": schedule(timedelta(hours=1)),
+            "kwargs": {"older_than_days": settings.history_keep_days},
+            "options": {"expires": 3600},
+        }
     return entries
 
 

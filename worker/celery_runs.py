@@ -107,6 +107,7 @@ def _session_run(task: Task, options: RunOptions, sid: str, run_id: str) -> dict
         recorded = services.pg.get_run(run_id)
         if recorded is not None and recorded.done:
             return _session_answer(services, recorded, sid)
+        options = runs.settle_moment(services.pg, options)
         started = runs.start(
             services, options, session_ids=[sid], run_id=run_id, details=run_details(task)
         )
@@ -143,6 +144,7 @@ def full_run(task: Task, options: RunOptions, run_id: str | None, trigger: str) 
     ):
         if not mine:
             return {"status": "running", "run_id": run_id}
+        options = runs.settle_moment(services.pg, options)
         try:
             with services.pg.transaction():
                 details = run_details(task, trigger=trigger)

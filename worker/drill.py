@@ -36,6 +36,7 @@ def run_drill(
     target_prefix: str | None,
     session_id: str | None = None,
     force: bool = False,
+    as_of: str | None = None,
     cleanup: bool = False,
     restore_progress: Progress | None = None,
     verify_progress: Progress | None = None,
@@ -43,17 +44,7 @@ def run_drill(
     """Restore (all sessions, or one) into the target, verify the target, report."""
     settings = services.settings
     prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
-    if target_url:
-        # An error connecting names the option that gave the URL, not REDIS_URL.
-        # Another Redis may be a cluster or not, whatever REDIS_CLUSTER says.
-        url = target_url
-        cluster = is_cluster_node(url, setting="--target-redis")
-        client = connect_data_redis(
-            replace(settings, redis_cluster=cluster), url, setting="--target-redis"
-        )
-    else:
-        url = settings.redis_url  # the live Redis (behind Sentinel: the primary they name)
-        client = connect_data_redis(settings)
+    url, client = _connect_target(services, target_url)
     target = RedisStore(client, RedisKeys(prefix), url)
     try:
         _refuse_live_target(services, target.client, url, prefix)
@@ -63,17 +54,65 @@ def run_drill(
         label = f"{redact_url(url)} prefix {prefix!r}"
         details = {"drill": True, "target": label}
         ids = None if session_id is None else [session_id]
+        # Not live data: nothing it replaces goes into history.
+        restore = RestoreOptions(force=force, as_of=as_of, keep_replaced=False)
         restored = run_local(
-            drill, RestoreOptions(force=force), session_ids=ids, progress=restore_progress,
+            drill, restore, session_ids=ids, progress=restore_progress,
             details=details,
         )  # fmt: skip
         verified = run_local(
-            drill, VerifyOptions(), session_ids=ids, progress=verify_progress, details=details
+            drill,
+            VerifyOptions(as_of=as_of),
+            session_ids=ids,
+            progress=verify_progress,
+            details=details,
         )
         removed = _delete_prefix(target.client, url, prefix) if cleanup else None
         return DrillReport(restore=restored, verify=verified, target=label, cleaned_up=removed)
     finally:
         target.client.close()
+
+
+def verify_target(
+    services: Services,
+    options: VerifyOptions,
+    *,
+    target_url: str | None,
+    target_prefix: str | None,
+    session_id: str | None = None,
+    progress: Progress | None = None,
+) -> Run:
+    """Verify another Redis or prefix (a drill's copy) against PostgreSQL, in this process.
+
+    With ``options.as_of``: against the state history holds for that moment.
+    Read-only: the target may be anything, the live data included.
+    """
+    settings = services.settings
+    prefix = settings.redis_key_prefix if target_prefix is None else target_prefix
+    url, client = _connect_target(services, target_url)
+    target = RedisStore(client, RedisKeys(prefix), url)
+    try:
+        on_target = Services(
+            settings=settings, pg=services.pg, redis=target, worker_name=services.worker_name
+        )
+        details = {"target": f"{redact_url(url)} prefix {prefix!r}"}
+        ids = None if session_id is None else [session_id]
+        return run_local(on_target, options, session_ids=ids, progress=progress, details=details)
+    finally:
+        target.client.close()
+
+
+def _connect_target(services: Services, target_url: str | None) -> tuple[str, DataRedis]:
+    """The target's URL and a client of it: another Redis, or the live one."""
+    settings = services.settings
+    if not target_url:
+        # The live Redis (behind Sentinel: the primary they name).
+        return settings.redis_url, connect_data_redis(settings)
+    # An error connecting names the option that gave the URL, not REDIS_URL.
+    # Another Redis may be a cluster or not, whatever REDIS_CLUSTER says.
+    cluster = is_cluster_node(target_url, setting="--target-redis")
+    settings = replace(settings, redis_cluster=cluster, redis_sentinels=())
+    return target_url, connect_data_redis(settings, target_url, setting="--target-redis")
 
 
 def _refuse_live_target(services: Services, client: DataRedis, url: str, prefix: str) -> None:

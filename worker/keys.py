@@ -45,3 +45,11 @@ class RedisKeys:
         hold braces), so they stay where the application put them.
         """
         return f"{self.prefix}restore-staging:{run_id}:{{{self.messages(session_id)}}}"
+
+    def restore_replaced(self, run_id: str) -> RedisKeys:
+        """Where a forced restore keeps the session it replaces, until history has it.
+
+        The same layout under a prefix of its own: ``{prefix}restore-replaced:{run}:``.
+        The keys expire, like staging keys.
+        """
+        return RedisKeys(f"{self.prefix}restore-replaced:{run_id}:")

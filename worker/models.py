@@ -40,6 +40,11 @@ class RunOptions:
         """Whether the run may replace live data (the run record's ``forced``)."""
         return False
 
+    @property
+    def moment(self) -> datetime | None:
+        """The past moment whose state the run restores or compares (None: the latest)."""
+        return None
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -60,6 +65,15 @@ class RestoreOptions(RunOptions):
     kind: ClassVar[RunKind] = "restore"
     # Replace sessions that exist in Redis (otherwise they are skipped).
     force: bool = False
+    # Restore the state history holds for this moment (RFC 3339, UTC), not the latest.
+    as_of: str | None = None
+    # Before replacing a session (force), capture its state into history, so
+    # the restore can be undone. Off for drills: their target is not live data.
+    keep_replaced: bool = True
+
+    @property
+    def moment(self) -> datetime | None:
+        return None if self.as_of is None else datetime.fromisoformat(self.as_of)
 
     @property
     def forced(self) -> bool:
@@ -71,6 +85,12 @@ class VerifyOptions(RunOptions):
     kind: ClassVar[RunKind] = "verify"
     # Compare Redis with the recorded checksums only, where they match.
     quick: bool = False
+    # Compare with the state history holds for this moment (RFC 3339, UTC).
+    as_of: str | None = None
+
+    @property
+    def moment(self) -> datetime | None:
+        return None if self.as_of is None else datetime.fromisoformat(self.as_of)
 
 
 class SessionStatus(enum.StrEnum):
@@ -200,6 +220,8 @@ class Run:
     forced: bool = False
     expected_sessions: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # A restore or verify of the state at a past moment: that moment.
+    as_of: datetime | None = None
 
     @classmethod
     def from_row(cls, *, status: str, details: dict[str, Any] | None, **columns: Any) -> Run:
@@ -215,6 +237,7 @@ class Run:
         data["status"] = self.status.value
         data["created_at"] = self.created_at.isoformat()
         data["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        data["as_of"] = self.as_of.isoformat() if self.as_of else None
         return data
 
 

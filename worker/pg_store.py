@@ -43,6 +43,7 @@ from worker.models import (
     WatcherState,
     Watermark,
 )
+from worker.pg_history import ChunkHistory, HistoryContext, HistoryQueries
 from worker.settings import Settings
 from worker.sql import QUERIES
 
@@ -97,6 +98,8 @@ class MergeOutcome:
     stored: int
     # message ID -> why it was not merged ("duplicate", or the owning session's ID)
     rejected: dict[str, str]
+    # What history recorded of the chunk (None: history not recorded).
+    history: ChunkHistory | None = None
 
 
 @postgres_boundary
@@ -164,7 +167,7 @@ class MessageCopy:
 
 
 @postgres_boundary
-class PostgresStore:
+class PostgresStore(HistoryQueries):
     def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
         self.conn = conn
         self.settings = settings
@@ -245,7 +248,9 @@ class PostgresStore:
             self._merge_tables_ready = True
         self._execute("reset_merge_seen", None)
 
-    def merge_chunk(self, rows: Sequence[MessageRow]) -> MergeOutcome:
+    def merge_chunk(
+        self, rows: Sequence[MessageRow], history: HistoryContext | None = None
+    ) -> MergeOutcome:
         """Merge rows of one session: insert new, update edited, reject conflicts.
 
         The slow, safe path: staged with COPY, then merged with one INSERT ...
@@ -262,13 +267,16 @@ class PostgresStore:
             rejected = _rejects(cur.execute(QUERIES["merge_rejects"]))
             if rejected:
                 cur.execute(QUERIES["drop_merge_rejects"], {"ids": list(rejected)})
+            changes = None
+            if history is not None:
+                changes = self.history_merge_chunk(history.top, history.at, history.run_id)
             cur.execute(QUERIES["merge_messages"])
             stored = cur.rowcount
             # Another session's backup may have committed one of these IDs after
             # merge_rejects looked; ON CONFLICT then skipped the row: reject it too.
             rejected.update(_rejects(cur.execute(QUERIES["merge_late_rejects"])))
             cur.execute(QUERIES["clear_merge_staging"])
-        return MergeOutcome(stored, rejected)
+        return MergeOutcome(stored, rejected, changes)
 
     def save_watermarks(self, watermarks: Sequence[Watermark], run_id: str | None) -> None:
         self._execute_many("save_watermark", [_params(w, snapshot_id=run_id) for w in watermarks])
@@ -371,13 +379,16 @@ class PostgresStore:
         return [(str(message_id), bytes(digest)) for message_id, digest in found]
 
     def compare_staged(
-        self, session_id: str
+        self, session_id: str, moment: datetime | None = None
     ) -> Iterator[tuple[str | None, bytes | None, MessageRow | None]]:
-        """The staged Redis digests beside the stored messages, paired by ID (streamed)."""
-        with (
-            self.conn.cursor() as cur,
-            cur.copy(QUERIES["verify_compare"], {"id": session_id}) as copy,
-        ):
+        """The staged Redis digests beside the stored messages, paired by ID (streamed).
+
+        ``moment``: beside the messages as history holds them at that moment.
+        """
+        query, params = "verify_compare", dict[str, Any](id=session_id)
+        if moment is not None:
+            query, params = "verify_compare_as_of", {"id": session_id, "at": moment}
+        with self.conn.cursor() as cur, cur.copy(QUERIES[query], params) as copy:
             copy.set_types(
                 ["text", "bytea", "text", "text", "timestamptz", "text", "text", "text", "text"]
             )
@@ -441,6 +452,7 @@ class PostgresStore:
         expected_sessions: int | None = None,
         kept: int = 0,
         details: dict[str, Any] | None = None,
+        as_of: datetime | None = None,
     ) -> Run:
         """Insert a `running` run row (see ensure_run); returns it."""
         run, _created = self.ensure_run(
@@ -451,6 +463,7 @@ class PostgresStore:
             expected_sessions=expected_sessions,
             kept=kept,
             details=details,
+            as_of=as_of,
         )
         return run
 
@@ -464,6 +477,7 @@ class PostgresStore:
         expected_sessions: int | None = None,
         kept: int = 0,
         details: dict[str, Any] | None = None,
+        as_of: datetime | None = None,
     ) -> tuple[Run, bool]:
         """The run ``run_id``, inserted `running` unless it exists: (run, created).
 
@@ -478,6 +492,7 @@ class PostgresStore:
             "expected_sessions": expected_sessions,
             "kept_count": kept,
             "details": json.dumps(details or {}),
+            "as_of": as_of,
         }
         try:
             # A savepoint when inside a transaction: the violation undoes the

@@ -39,12 +39,15 @@ _DONE = object()
 # Staging keys of a restore expire if the restore dies before swapping them in.
 STAGING_TTL_S = 3600
 
-# KEYS: session hash, messages zset, staging zset, sessions set
-# ARGV: force ("1"/"0"), session id, expected staged members, field, value, ...
-# Returns 1 when swapped in, 0 when the session exists and force is off, -1
-# when the staging key is not complete (expired, or a concurrent restore).
-# Every check comes before the first write: a script that fails half-way
-# keeps what it already wrote.
+# KEYS: session hash, messages zset, staging zset, sessions set, and where to
+# keep the replaced hash and messages
+# ARGV: force ("1"/"0"), session id, expected staged members, keep replaced
+# ("1"/"0"), seconds the kept keys live, field, value, ...
+# Returns 1 when swapped in, 2 when swapped in and the session it replaced was
+# kept (renamed, not deleted: every write the application made before the swap
+# is there), 0 when the session exists and force is off, -1 when the staging
+# key is not complete (expired, or a concurrent restore). Every check comes
+# before the first write: a script that fails half-way keeps what it already wrote.
 _COMMIT_SESSION = """
 if ARGV[1] ~= '1' and redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
     redis.call('DEL', KEYS[3])
@@ -55,8 +58,22 @@ if expected > 0 and redis.call('ZCARD', KEYS[3]) ~= expected then
     redis.call('DEL', KEYS[3])
     return -1
 end
+local answer = 1
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+    redis.call('DEL', KEYS[5], KEYS[6])
+    local old = redis.call('HGETALL', KEYS[1])
+    if #old > 0 then
+        redis.call('HSET', KEYS[5], unpack(old))
+        redis.call('EXPIRE', KEYS[5], ARGV[5])
+    end
+    if redis.call('EXISTS', KEYS[2]) == 1 then
+        redis.call('RENAME', KEYS[2], KEYS[6])
+        redis.call('EXPIRE', KEYS[6], ARGV[5])
+    end
+    answer = 2
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 if expected > 0 then
     redis.call('RENAME', KEYS[3], KEYS[2])
     redis.call('PERSIST', KEYS[2])
@@ -64,7 +81,7 @@ else
     redis.call('DEL', KEYS[2])
 end
 redis.call('SADD', KEYS[4], ARGV[2])
-return 1
+return answer
 """
 
 
@@ -314,21 +331,37 @@ class RedisStore:
                     pipe.expire(key, STAGING_TTL_S)
             pipe.execute()
 
-    def commit(self, run_id: str, commits: Sequence[SessionCommit], *, force: bool) -> list[int]:
+    def with_keys(self, keys: RedisKeys) -> RedisStore:
+        """The same Redis, read under other key names (a restore's replaced sessions)."""
+        return RedisStore(self.client, keys, self._url)
+
+    def commit(
+        self,
+        run_id: str,
+        commits: Sequence[SessionCommit],
+        *,
+        force: bool,
+        keep_replaced: bool = False,
+    ) -> list[int]:
         """Swap staged sessions in, each atomically; one round trip for all.
 
-        Returns the script's answer per session (1 swapped in, 0 exists, -1 the
-        staging key was incomplete).
+        Returns the script's answer per session (1 swapped in, 2 swapped in with
+        the replaced session kept under ``keys.restore_replaced(run_id)``, 0
+        exists, -1 the staging key was incomplete).
         """
         if self.cluster:
             assert isinstance(self.client, redis.cluster.RedisCluster)
             with redis_errors(self._url):
                 return swap_in(self.client, self.keys, run_id, commits, force=force)
+        replaced = self.keys.restore_replaced(run_id)
+        keep = "1" if force and keep_replaced else "0"
         with redis_errors(self._url):
             pipe = self.client.pipeline(transaction=False)
             for commit in commits:
                 sid = commit.session_id
-                args: list[str | int] = ["1" if force else "0", sid, commit.staged_members]
+                args: list[str | int] = [
+                    "1" if force else "0", sid, commit.staged_members, keep, STAGING_TTL_S,
+                ]  # fmt: skip
                 for name, value in commit.fields.items():
                     args += [name, value]
                 self._commit(
@@ -337,11 +370,27 @@ class RedisStore:
                         self.keys.messages(sid),
                         self.keys.restore_staging(run_id, sid),
                         self.keys.sessions,
+                        replaced.session(sid),
+                        replaced.messages(sid),
                     ],
                     args=args,
                     client=pipe,
                 )
             return [int(answer) for answer in pipe.execute()]
+
+    def discard_replaced(self, run_id: str, session_ids: Sequence[str]) -> None:
+        """Delete what a forced restore kept of the sessions it replaced."""
+        if not session_ids:
+            return
+        replaced = self.keys.restore_replaced(run_id)
+        with redis_errors(self._url):
+            self.client.delete(
+                *(
+                    key
+                    for sid in session_ids
+                    for key in (replaced.session(sid), replaced.messages(sid))
+                )
+            )
 
     def discard_staging(self, run_id: str, session_ids: Sequence[str]) -> None:
         if not session_ids:

@@ -61,6 +61,7 @@ def run_local(
     # This process owns the run from before its record exists until it ends:
     # if the process dies, or PostgreSQL drops its connection, the lock goes
     # with it and the run is known to be abandoned (worker/runs.py).
+    options = runs.settle_moment(services.pg, options)
     with runs.owning(services.pg, runs.owner_key(run_id)):
         started = runs.start(services, options, session_ids=ids, run_id=run_id, details=info)
         with _finish_on_error(services, started.run):

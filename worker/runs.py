@@ -33,13 +33,13 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from worker.backup import BackupEngine
 from worker.engine import Engine, failed_results
-from worker.errors import DndError, RunInProgress
+from worker.errors import DndError, InvalidArgument, RunInProgress
 from worker.models import (
     BackupOptions,
     RestoreOptions,
@@ -52,6 +52,7 @@ from worker.models import (
     VerifyOptions,
 )
 from worker.pg_store import PostgresStore
+from worker.records import RecordRejected, parse_session_id, parse_timestamp
 from worker.restore import RestoreEngine
 from worker.services import Services
 from worker.sharding import shard_of
@@ -114,6 +115,51 @@ def options_from_details(run: Run) -> RunOptions:
     return cls.from_dict({k: v for k, v in run.details.items() if k in names})
 
 
+def settle_moment(pg: PostgresStore, options: RunOptions) -> RunOptions:
+    """Options whose ``as_of`` (an RFC 3339 instant or a run ID) is settled to a UTC instant.
+
+    Raises InvalidArgument (one line) for a moment that cannot be read, an
+    unknown or unfinished run, a moment in the future, or one older than the
+    history kept (naming the oldest restorable moment).
+    """
+    text = getattr(options, "as_of", None)
+    if text is None:
+        return options
+    moment = _moment_of(pg, str(text))
+    if moment > datetime.now(UTC):
+        raise InvalidArgument(f"--as-of {text} is in the future")
+    oldest = pg.oldest_restorable()
+    if oldest is None:
+        raise InvalidArgument("no history is kept yet: back up first, then restore as of a moment")
+    if moment < oldest:
+        raise InvalidArgument(
+            f"--as-of {text} is before the history kept: the oldest restorable moment is "
+            f"{oldest.astimezone(UTC).isoformat()}"
+        )
+    return replace(options, as_of=moment.isoformat())  # type: ignore[call-arg]
+
+
+def _moment_of(pg: PostgresStore, text: str) -> datetime:
+    try:
+        run_id = parse_session_id(text)  # a run ID is a UUID, as session IDs are
+    except InvalidArgument:
+        pass
+    else:
+        exists, finished = pg.run_finished_at(run_id)
+        if not exists:
+            raise InvalidArgument(f"--as-of: no run {run_id}")
+        if finished is None:
+            raise InvalidArgument(f"--as-of: run {run_id} has not finished")
+        return finished.astimezone(UTC)
+    try:
+        return parse_timestamp(text, "--as-of")
+    except RecordRejected:
+        raise InvalidArgument(
+            f"--as-of: cannot read {text!r}: give an RFC 3339 instant "
+            "(2026-02-12T10:00:00Z) or a run ID"
+        ) from None
+
+
 def make_engine(services: Services, options: RunOptions) -> Engine[Any]:
     """The engine for a run with these options, over these stores."""
     settings = services.settings
@@ -163,7 +209,7 @@ def start(
     def record() -> tuple[Run, bool]:
         return services.pg.ensure_run(
             options.kind, scope_of(session_ids), run_id=chosen_id, forced=options.forced,
-            expected_sessions=len(ids), kept=len(kept), details=info,
+            expected_sessions=len(ids), kept=len(kept), details=info, as_of=options.moment,
         )  # fmt: skip
 
     try:

@@ -88,6 +88,9 @@ class Settings:
     backup_schedule: str = DEFAULT_BACKUP_SCHEDULE
     prune_schedule: str = ""
     prune_keep_days: int = 30
+    # History older than this many days folds into the state at the window's
+    # start, hourly (0: history is kept for ever).
+    history_keep_days: int = 0
     backup_shards: int = 8
     # Queue names are f"{queue_prefix}default" and f"{queue_prefix}shard.N".
     queue_prefix: str = "dnd."
@@ -180,6 +183,7 @@ class Settings:
             backup_schedule=env.get("BACKUP_SCHEDULE", DEFAULT_BACKUP_SCHEDULE).strip(),
             prune_schedule=env.get("PRUNE_SCHEDULE", "").strip(),
             prune_keep_days=_int(env, "PRUNE_KEEP_DAYS", d.prune_keep_days, 1, 100_000),
+            history_keep_days=_int(env, "HISTORY_KEEP_DAYS", d.history_keep_days, 0, 100_000),
             backup_shards=_int(env, "BACKUP_SHARDS", d.backup_shards, 1, 1024),
             queue_prefix=_name(env, "CELERY_QUEUE_PREFIX", d.queue_prefix),
             celery_key_prefix=_name(env, "CELERY_KEY_PREFIX", d.celery_key_prefix),

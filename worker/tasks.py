@@ -76,18 +76,31 @@ def backup_session(
 
 @app.task(name=session_task_name("restore"), bind=True, base=SessionRunTask)
 def restore_session(
-    self: Task, session_id: str, force: bool = False, run_id: str | None = None
+    self: Task,
+    session_id: str,
+    force: bool = False,
+    run_id: str | None = None,
+    as_of: str | None = None,
 ) -> dict[str, Any]:
-    """Restore one session (a one-session run); returns its result dict."""
-    return celery_runs.session_run(self, RestoreOptions(force=force), session_id, run_id)
+    """Restore one session (a one-session run); returns its result dict.
+
+    ``as_of``: an RFC 3339 instant or a run ID: the session as history holds it then.
+    """
+    options = RestoreOptions(force=force, as_of=as_of)
+    return celery_runs.session_run(self, options, session_id, run_id)
 
 
 @app.task(name=session_task_name("verify"), bind=True, base=SessionRunTask)
 def verify_session(
-    self: Task, session_id: str, quick: bool = False, run_id: str | None = None
+    self: Task,
+    session_id: str,
+    quick: bool = False,
+    run_id: str | None = None,
+    as_of: str | None = None,
 ) -> dict[str, Any]:
-    """Compare one session in Redis with its backup (a one-session verify run)."""
-    return celery_runs.session_run(self, VerifyOptions(quick=quick), session_id, run_id)
+    """Compare one session in Redis with its backup (as of a moment: with history)."""
+    options = VerifyOptions(quick=quick, as_of=as_of)
+    return celery_runs.session_run(self, options, session_id, run_id)
 
 
 # -- full runs: a coordinator, batches per shard, a chord callback ------------------
@@ -110,10 +123,18 @@ def full_backup(
 
 @app.task(name=full_task_name("restore"), bind=True, trail=False, **RETRY_POLICY)
 def full_restore(
-    self: Task, force: bool = False, run_id: str | None = None, trigger: str = "task"
+    self: Task,
+    force: bool = False,
+    run_id: str | None = None,
+    trigger: str = "task",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
-    """Restore every live session from PostgreSQL: batches per shard, then a chord."""
-    return celery_runs.full_run(self, RestoreOptions(force=force), run_id, trigger)
+    """Restore every live session from PostgreSQL: batches per shard, then a chord.
+
+    ``as_of``: an RFC 3339 instant or a run ID: every session live then, as it was.
+    """
+    options = RestoreOptions(force=force, as_of=as_of)
+    return celery_runs.full_run(self, options, run_id, trigger)
 
 
 @app.task(name=full_task_name("verify"), bind=True, trail=False, **RETRY_POLICY)
@@ -205,3 +226,19 @@ def prune_runs(
         removed = services.pg.prune(keep=keep, before=before)
     log.info("pruned run records: %s", removed)
     return removed
+
+
+@app.task(name="worker.tasks.prune_history", bind=True, **RETRY_POLICY)
+def prune_history(self: Task, older_than_days: int | None = None) -> dict[str, int]:
+    """Fold history older than the window into the state at its start (HISTORY_KEEP_DAYS).
+
+    Never the current tables; restores as of a moment before the window are refused.
+    """
+    days = older_than_days if older_than_days is not None else get_settings().history_keep_days
+    if not days:
+        return {}
+    before = datetime.now(UTC) - timedelta(days=days)
+    with process.task_services(worker_name(self)) as services:
+        folded = services.pg.fold_history(before)
+    log.info("folded history before %s: %s", before.isoformat(), folded)
+    return folded

@@ -15,6 +15,9 @@ no backup or restore of it is half-way through):
 reading the messages back from PostgreSQL: cheap, and enough to tell that
 nothing changed since the last backup; any mismatch falls back to the full
 comparison.
+
+``as_of``: compare with the state history holds for that moment instead of
+the latest backup (a restore as of that moment into a drill target must equal it).
 """
 
 from __future__ import annotations
@@ -122,6 +125,10 @@ class VerifyEngine(Engine[VerifyOptions]):
         """Every session in Redis's sessions set or (not soft-deleted) in PostgreSQL."""
         listed, _bad = self.listed_sessions()  # bad members: backups keep them aside
         ids = set(listed)
+        moment = self.options.moment
+        if moment is not None:
+            ids.update(self.pg.session_ids_as_of(moment)[0])
+            return Coverage(sorted(ids))
         for page in self.pg.live_session_ids():
             ids.update(page)
         return Coverage(sorted(ids))
@@ -138,8 +145,13 @@ class VerifyEngine(Engine[VerifyOptions]):
         with self.pg.transaction(read_only=True):
             self.pg.lock_sessions(ids)
             probes = self.redis.probe(ids, {})
-            sessions = self.pg.sessions(ids)
-            recorded = self.pg.checksums(ids)
+            moment = self.options.moment
+            if moment is None:
+                sessions = self.pg.sessions(ids)
+                recorded = self.pg.checksums(ids)
+            else:
+                # The state at the moment: no recorded checksum describes it.
+                sessions, recorded = self.pg.sessions_as_of(ids, moment), {}
             for sid in ids:
                 started = time.monotonic()
                 probe = probes[sid]
@@ -203,7 +215,8 @@ class VerifyEngine(Engine[VerifyOptions]):
         memory stays flat whatever the session's size.
         """
         backup_sum = MessageChecksum()
-        for redis_id, redis_digest, row in self.pg.compare_staged(sid):
+        # As of a moment (a restored copy checked against history), or as stored now.
+        for redis_id, redis_digest, row in self.pg.compare_staged(sid, self.options.moment):
             if row is None:
                 diff.missing_from_backup += 1
                 _example(diff, "missing_from_backup", redis_id)

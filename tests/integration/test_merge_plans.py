@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -25,7 +27,23 @@ import pytest
 from tests.conftest import create_database, drop_database
 from worker.sql import QUERIES
 
-MERGE_STATEMENTS = ("merge_rejects", "merge_messages", "merge_late_rejects", "drop_merge_rejects")
+MERGE_STATEMENTS = (
+    "merge_rejects",
+    "merge_messages",
+    "merge_late_rejects",
+    "drop_merge_rejects",
+    # History's part of the merge path (worker/pg_history.py).
+    "history_merge_chunk",
+    "history_removed",
+)
+# Values for the statements' parameters (EXPLAIN plans them, never runs them).
+PARAMS = {
+    "ids": [],
+    "at": datetime(2026, 1, 1, tzinfo=UTC),
+    "snapshot_id": None,
+    "top": 0.0,
+    "session_id": str(uuid.uuid4()),
+}
 CHUNK = 500
 
 
@@ -53,7 +71,8 @@ def conn(postgres_admin_url: str, template_database: str) -> Iterator[psycopg.Co
 
 
 def _explain(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:
-    params: dict[str, Any] | None = {"ids": []} if "%(ids)s" in QUERIES[name] else None
+    names = set(re.findall(r"%\((\w+)\)s", QUERIES[name]))
+    params: dict[str, Any] | None = {key: PARAMS[key] for key in names} if names else None
     row = conn.execute(f"EXPLAIN (FORMAT JSON) {QUERIES[name]}", params).fetchone()
     assert row is not None
     plan: dict[str, Any] = (row[0] if isinstance(row[0], list) else json.loads(row[0]))[0]["Plan"]

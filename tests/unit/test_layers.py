@@ -45,7 +45,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
         "__init__ errors exit_codes settings keys models records checksums sharding sql "
         "flower_guard lag secret_files tls",
     ),
-    ("stores", "connections pg_store redis_store cluster_swap watch_cluster migrate"),
+    ("stores", "connections pg_history pg_store redis_store cluster_swap watch_cluster migrate"),
     ("engines", "engine backup_plan backup restore verify"),
     ("runs", "services runner runs supervise process drill health metrics beat_presence"),
     ("celery", "celery_config celery celery_runs tasks celery_health"),

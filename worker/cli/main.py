@@ -17,6 +17,7 @@ import click
 
 from worker import exit_codes
 from worker.cli.dev_cmd import dev
+from worker.cli.history_cmd import history
 from worker.cli.kept_cmd import kept
 from worker.cli.migrate_cmd import migrate
 from worker.cli.runs_cmd import backup, restore
@@ -68,6 +69,7 @@ cli.add_command(restore)
 cli.add_command(kept)
 cli.add_command(verify)
 cli.add_command(status)
+cli.add_command(history)
 cli.add_command(dev)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import click
@@ -60,6 +60,7 @@ class Output:
                 + (f", drill into {run.details.get('target')}" if run.details.get("drill") else ""),
             ),
             ("status", run.status.value),
+            *([("as of", run.as_of.astimezone(UTC).isoformat())] if run.as_of else []),
             ("sessions", run.session_count),
             ("messages", run.message_count),
             ("records kept aside", run.kept_count),

@@ -18,6 +18,7 @@ from worker.cli.common import (
     settings,
     wait_options,
 )
+from worker.cli.history_cmd import settled, undo_hint
 from worker.cli.launch import launch
 from worker.cli.output import Output, ProgressBar, format_duration, run_exit_status
 from worker.models import BackupOptions, RestoreOptions, Run, RunOptions, RunStatus, SessionStatus
@@ -144,6 +145,7 @@ def list_runs(limit: int, kind: str, output: str) -> int:
             "kept",
             "failed",
             "duration",
+            "as of",
         ),
         rows=[
             (
@@ -157,6 +159,7 @@ def list_runs(limit: int, kind: str, output: str) -> int:
                 r.kept_count,
                 r.failed_count,
                 format_duration(r.duration_ms) if r.done else "running",
+                r.as_of.astimezone(UTC).isoformat() if r.as_of else "",
             )
             for r in runs
         ],
@@ -232,9 +235,24 @@ def show_run(run_id: str, show_sessions: str, output: str) -> int:
     metavar="AGE",
     help="Remove runs that ended more than AGE ago: 30d, 12h, 90m, 2w (a bare number is days).",
 )
+@click.option(
+    "--history-older-than",
+    "history_older_than",
+    type=DURATION,
+    default=None,
+    metavar="AGE",
+    help="Fold history older than AGE into the state at that moment; restores "
+    "--as-of before it are then refused. Beat: HISTORY_KEEP_DAYS.",
+)
 @click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
 @output_option
-def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output: str) -> int:
+def prune(
+    keep: int | None,
+    older_than: timedelta | None,
+    history_older_than: timedelta | None,
+    dry_run: bool,
+    output: str,
+) -> int:
     """Remove old run records, never backed-up data.
 
     Run records are the persistence_snapshots rows and their per-session
@@ -243,11 +261,16 @@ def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output:
     both --keep and --older-than, a run goes only when it meets both. Beat can
     do this on a schedule: PRUNE_SCHEDULE and PRUNE_KEEP_DAYS.
     """
-    if keep is None and older_than is None:
-        raise click.UsageError("give --keep N, --older-than AGE, or both")
+    if keep is None and older_than is None and history_older_than is None:
+        raise click.UsageError("give --keep N, --older-than AGE, --history-older-than AGE")
     before = None if older_than is None else datetime.now(UTC) - older_than
+    counts: dict[str, int] = {}
     with open_postgres(settings()) as pg:
-        counts = pg.prune(keep=keep, before=before, dry_run=dry_run)
+        if keep is not None or before is not None:
+            counts.update(pg.prune(keep=keep, before=before, dry_run=dry_run))
+        if history_older_than is not None:
+            folded = pg.fold_history(datetime.now(UTC) - history_older_than, dry_run=dry_run)
+            counts.update({f"history_{name}": value for name, value in folded.items()})
     out = Output(output)
     out.data(
         {**counts, "dry_run": dry_run},
@@ -291,6 +314,14 @@ def prune(keep: int | None, older_than: timedelta | None, dry_run: bool, output:
 @click.option(
     "--cleanup", is_flag=True, help="Drill: delete the target prefix's keys after verifying."
 )
+@click.option(
+    "--as-of",
+    "as_of",
+    metavar="T",
+    default=None,
+    help="Restore the state the backups had captured at T (an RFC 3339 instant, "
+    "or a run ID: the moment that run finished) instead of the latest.",
+)
 @local_option
 @wait_options
 @output_option
@@ -298,6 +329,7 @@ def restore(
     all_sessions: bool,
     session_id: str | None,
     force: bool,
+    as_of: str | None,
     target_redis: str | None,
     target_prefix: str | None,
     cleanup: bool,
@@ -319,12 +351,14 @@ def restore(
     target's password never travels through the broker.
     """
     one_of_all_or_session(all_sessions, session_id)
+    options = settled(RestoreOptions(force=force, as_of=as_of))
     if target_redis is not None or target_prefix is not None:
         if no_wait:
             raise click.UsageError("a drill runs in this process; --no-wait does not apply")
         return _drill(
             session_id=session_id,
             force=force,
+            as_of=options.as_of,
             target_url=target_redis,
             target_prefix=target_prefix,
             cleanup=cleanup,
@@ -333,7 +367,7 @@ def restore(
     if cleanup:
         raise click.UsageError("--cleanup is for drills (--target-redis / --target-prefix)")
     return _start(
-        RestoreOptions(force=force),
+        options,
         session_id=session_id,
         local=local,
         no_wait=no_wait,
@@ -346,6 +380,7 @@ def _drill(
     *,
     session_id: str | None,
     force: bool,
+    as_of: str | None,
     target_url: str | None,
     target_prefix: str | None,
     cleanup: bool,
@@ -380,6 +415,7 @@ def _drill(
                 target_prefix=target_prefix,
                 session_id=session_id,
                 force=force,
+                as_of=as_of,
                 cleanup=cleanup,
                 restore_progress=restoring,
                 verify_progress=verifying,
@@ -438,6 +474,8 @@ def _report(run: Run, out: Output) -> int:
         with open_postgres(settings()) as pg:
             failed = [r for r in pg.run_results(run.id) if r.status is SessionStatus.FAILED]
     out.run(run, failed=failed)
+    if run.kind == "restore" and run.forced:
+        undo_hint(run, out)
     if run.status is RunStatus.FAILED:
         reason = run.error or (failed[0].error if failed else "see the run's results")
         out.status(f"dnd-client: error: {run.kind} {run.status.value}: {reason}")

@@ -15,10 +15,11 @@ from worker.cli.common import (
     settings,
     wait_options,
 )
+from worker.cli.history_cmd import settled
 from worker.cli.launch import launch
-from worker.cli.output import Output
+from worker.cli.output import Output, ProgressBar
 from worker.models import Run, RunStatus, SessionResult, SessionStatus, VerifyOptions
-from worker.services import open_postgres
+from worker.services import open_postgres, open_services
 
 
 @click.command()
@@ -33,6 +34,26 @@ from worker.services import open_postgres
     "reading the messages back from PostgreSQL (falls back to the full "
     "comparison for a session that does not match).",
 )
+@click.option(
+    "--as-of",
+    "as_of",
+    metavar="T",
+    default=None,
+    help="Compare with the state the backups had captured at T (an RFC 3339 "
+    "instant or a run ID), e.g. a copy restored with restore --as-of T --target-prefix P.",
+)
+@click.option(
+    "--target-prefix",
+    metavar="PREFIX",
+    default=None,
+    help="Verify the sessions under this key prefix (a drill's copy), in this process.",
+)
+@click.option(
+    "--target-redis",
+    metavar="URL",
+    default=None,
+    help="Verify the sessions in this Redis (a drill's copy), in this process.",
+)
 @local_option
 @wait_options
 @output_option
@@ -40,6 +61,9 @@ def verify(
     all_sessions: bool,
     session_id: str | None,
     quick: bool,
+    as_of: str | None,
+    target_prefix: str | None,
+    target_redis: str | None,
     local: bool,
     no_wait: bool,
     timeout: float | None,
@@ -55,8 +79,13 @@ def verify(
     """
     one_of_all_or_session(all_sessions, session_id)
     out = Output(output)
+    options = settled(VerifyOptions(quick=quick, as_of=as_of))
+    if target_prefix is not None or target_redis is not None:
+        if no_wait:
+            raise click.UsageError("verifying a target runs in this process; no --no-wait")
+        return report_verify(_verify_target(options, session_id, target_redis, target_prefix), out)
     run = launch(
-        VerifyOptions(quick=quick),
+        options,
         session_id=session_id,
         local=local,
         no_wait=no_wait,
@@ -66,6 +95,25 @@ def verify(
     if run is None:  # --no-wait: the run ID was printed
         return exit_codes.OK
     return report_verify(run, out)
+
+
+def _verify_target(
+    options: VerifyOptions,
+    session_id: str | None,
+    target_url: str | None,
+    target_prefix: str | None,
+) -> Run:
+    from worker.drill import verify_target
+
+    bar = ProgressBar("verifying")
+    with open_services(settings()) as services:
+        try:
+            return verify_target(
+                services, options, target_url=target_url, target_prefix=target_prefix,
+                session_id=session_id, progress=bar,
+            )  # fmt: skip
+        finally:
+            bar.close()
 
 
 def problems_of(run: Run) -> list[SessionResult]:

@@ -224,14 +224,15 @@ WHERE session_id = ANY(%(ids)s::uuid[])
 GROUP BY session_id;
 
 -- name: start_run
-INSERT INTO persistence_snapshots (id, kind, scope, forced, expected_sessions, kept_count, details)
+INSERT INTO persistence_snapshots (id, kind, scope, forced, expected_sessions, kept_count, details,
+                                  as_of)
 VALUES (%(id)s, %(kind)s, %(scope)s, %(forced)s, %(expected_sessions)s, %(kept_count)s,
-        %(details)s::jsonb)
+        %(details)s::jsonb, %(as_of)s::timestamptz)
 -- A retried task starts "its" run again: the run is already there, keep it.
 ON CONFLICT (id) DO NOTHING
 RETURNING id::text AS id, kind, scope, status, created_at, finished_at, session_count,
           message_count, kept_count, failed_count, duration_ms, error, forced,
-          expected_sessions, details;
+          expected_sessions, details, as_of;
 
 -- name: record_results
 INSERT INTO persistence_session_results (
@@ -304,17 +305,17 @@ FROM totals AS t
 WHERE s.id = %(id)s AND s.status = 'running'
 RETURNING s.id::text AS id, s.kind, s.scope, s.status, s.created_at, s.finished_at,
           s.session_count, s.message_count, s.kept_count, s.failed_count, s.duration_ms,
-          s.error, s.forced, s.expected_sessions, s.details;
+          s.error, s.forced, s.expected_sessions, s.details, s.as_of;
 
 -- name: get_run
 SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
-       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details, as_of
 FROM persistence_snapshots
 WHERE id = %(id)s;
 
 -- name: list_runs
 SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
-       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details, as_of
 FROM persistence_snapshots
 WHERE (%(kind)s::text IS NULL OR kind = %(kind)s::text)
 ORDER BY created_at DESC, id DESC
@@ -426,6 +427,17 @@ COPY (
         ON m.id = r.id
 ) TO STDOUT (FORMAT BINARY);
 
+-- name: verify_compare_as_of
+-- As verify_compare, beside the session's messages as they were at a moment.
+COPY (
+    SELECT r.id::text, r.digest,
+           m.id::text, m.session_id::text, m.created_at, m.role, m.content,
+           m.tool_calls::text, m.player_id
+    FROM (SELECT DISTINCT ON (id) id, digest FROM verify_redis ORDER BY id, ordinal) AS r
+    FULL JOIN history_messages_as_of(ARRAY[%(id)s::uuid], %(at)s::timestamptz) AS m
+        ON m.id = r.id
+) TO STDOUT (FORMAT BINARY);
+
 -- name: clear_verify_redis
 -- DELETE, not TRUNCATE: verify's transaction is read-only, which allows writing
 -- a temporary table's rows but not TRUNCATE.
@@ -534,7 +546,7 @@ WHERE snapshot_id = %(id)s AND batch_no = %(batch_no)s;
 
 -- name: running_runs
 SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
-       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details, as_of
 FROM persistence_snapshots
 WHERE status = 'running'
 ORDER BY created_at;
@@ -595,3 +607,197 @@ LIMIT 1;
 
 -- name: open_kept_records
 SELECT count(*) AS open FROM persistence_kept_records WHERE resolved_at IS NULL;
+-- History (migrations/0010.history.sql; docs/architecture.md "History") ------
+
+-- name: last_captures
+-- The highest score each session's history has seen (its last capture's).
+SELECT DISTINCT ON (session_id) session_id::text AS session_id, max_score
+FROM history_captures
+WHERE session_id = ANY(%(ids)s::uuid[])
+ORDER BY session_id, captured_at DESC;
+
+-- name: record_captures
+INSERT INTO history_captures (session_id, captured_at, snapshot_id, message_count, max_score,
+                              hash_changed, added, removed, edited, late, note)
+SELECT c.session_id, %(at)s, %(snapshot_id)s, c.message_count, c.max_score, c.hash_changed,
+       c.added, c.removed, c.edited, c.late, %(note)s
+FROM unnest(%(session_ids)s::uuid[], %(message_counts)s::bigint[], %(max_scores)s::float8[],
+            %(hash_changed)s::bool[], %(added)s::int[], %(removed)s::int[], %(edited)s::int[],
+            %(late)s::int[])
+     AS c (session_id, message_count, max_score, hash_changed, added, removed, edited, late)
+ON CONFLICT (session_id, captured_at) DO NOTHING;
+
+-- name: save_session_versions
+-- The stored rows of sessions about to be replaced, kept as they were.
+INSERT INTO history_session_versions (
+    session_id, replaced_at, snapshot_id, created_at, updated_at, deleted_at, name, creator_id,
+    mcp_server_url, websocket_key, max_players, settings, status
+)
+SELECT id, %(at)s, %(snapshot_id)s, created_at, updated_at, deleted_at, name, creator_id,
+       mcp_server_url, websocket_key, max_players, settings, status
+FROM client_sessions
+WHERE id = ANY(%(ids)s::uuid[])
+ON CONFLICT (session_id, replaced_at) DO NOTHING;
+
+-- name: history_merge_chunk
+-- Before a chunk of a session is merged (merge_messages): keep the earlier
+-- content of messages edited in place, mark new messages scored at or below
+-- what history already saw as late, and note removed messages that are back.
+WITH edited AS (
+    INSERT INTO history_messages (session_id, message_id, captured_at, snapshot_id, change,
+                                  created_at, role, content, tool_calls, player_id)
+    SELECT m.session_id, m.id, %(at)s, %(snapshot_id)s, 'edited',
+           m.created_at, m.role, m.content, m.tool_calls, m.player_id
+    FROM merge_staging s
+    JOIN client_messages m ON m.id = s.id AND m.session_id = s.session_id
+    WHERE (m.created_at, m.role, m.content, m.tool_calls, m.player_id)
+          IS DISTINCT FROM (s.created_at, s.role, s.content, s.tool_calls, s.player_id)
+    RETURNING 1
+),
+late AS (
+    INSERT INTO history_messages (session_id, message_id, captured_at, snapshot_id, change)
+    SELECT s.session_id, s.id, %(at)s, %(snapshot_id)s, 'late'
+    FROM merge_staging s
+    WHERE floor(extract(epoch FROM s.created_at) * 1000) <= %(top)s::float8
+      AND NOT EXISTS (SELECT 1 FROM client_messages m WHERE m.id = s.id)
+    ORDER BY s.id  -- through the staging table's index: see create_merge_tables
+    RETURNING 1
+),
+returned AS (
+    INSERT INTO history_messages (session_id, message_id, captured_at, snapshot_id, change)
+    SELECT s.session_id, s.id, %(at)s, %(snapshot_id)s, 'returned'
+    FROM merge_staging s
+    WHERE (SELECT h.change FROM history_messages h
+           WHERE h.message_id = s.id AND h.change IN ('removed', 'returned')
+           ORDER BY h.captured_at DESC, h.id DESC LIMIT 1) = 'removed'
+    ORDER BY s.id  -- through the staging table's index: see create_merge_tables
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM edited) AS edited, (SELECT count(*) FROM late) AS late,
+       (SELECT count(*) FROM returned) AS returned;
+
+-- name: record_late
+INSERT INTO history_messages (session_id, message_id, captured_at, snapshot_id, change)
+SELECT %(session_id)s::uuid, id, %(at)s, %(snapshot_id)s, 'late'
+FROM unnest(%(ids)s::uuid[]) AS id;
+
+-- name: history_removed
+-- After a session's whole zset was merged: its stored messages not read this
+-- time (merge_seen) are gone from Redis; note those not noted already.
+WITH gone AS (
+    INSERT INTO history_messages (session_id, message_id, captured_at, snapshot_id, change)
+    SELECT m.session_id, m.id, %(at)s, %(snapshot_id)s, 'removed'
+    FROM client_messages m
+    WHERE m.session_id = %(session_id)s::uuid
+      AND NOT EXISTS (SELECT 1 FROM merge_seen s WHERE s.id = m.id)
+      AND (SELECT h.change FROM history_messages h
+           WHERE h.message_id = m.id AND h.change IN ('removed', 'returned')
+           ORDER BY h.captured_at DESC, h.id DESC LIMIT 1) IS DISTINCT FROM 'removed'
+    RETURNING 1
+)
+SELECT count(*) AS removed FROM gone;
+
+-- name: sessions_as_of
+SELECT id::text AS id, name, creator_id, mcp_server_url, websocket_key, created_at, updated_at,
+       max_players, settings::text AS settings, status, deleted_at
+FROM history_sessions_as_of(%(ids)s::uuid[], %(at)s::timestamptz);
+
+-- name: session_ids_as_of
+-- Every session that existed at the moment, and whether it was soft-deleted then.
+SELECT id::text AS id, deleted_at IS NOT NULL AS deleted
+FROM history_sessions_as_of(NULL, %(at)s::timestamptz)
+ORDER BY id;
+
+-- name: restore_members_as_of
+-- As restore_members, of the messages as they were at the moment.
+COPY (
+    SELECT session_id::text,
+           convert_to(
+               '{"id":"' || id::text
+               || '","session_id":"' || session_id::text
+               || '","created_at":"'
+               || to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+               || '","role":' || to_json(role)::text
+               || ',"content":' || coalesce(to_json(content)::text, 'null')
+               || ',"tool_calls":' || coalesce(tool_calls::text, 'null')
+               || ',"player_id":' || coalesce(to_json(player_id)::text, 'null')
+               || '}',
+               'UTF8'),
+           floor(extract(epoch FROM created_at) * 1000)::bigint
+    FROM history_messages_as_of(%(ids)s::uuid[], %(at)s::timestamptz)
+) TO STDOUT (FORMAT BINARY);
+
+-- name: message_rows_as_of
+COPY (
+    SELECT id::text, session_id::text, created_at, role, content, tool_calls::text, player_id
+    FROM history_messages_as_of(%(ids)s::uuid[], %(at)s::timestamptz)
+) TO STDOUT (FORMAT BINARY);
+
+-- name: oldest_restorable
+SELECT min(captured_at) AS oldest FROM history_captures;
+
+-- name: run_finished_at
+SELECT finished_at FROM persistence_snapshots WHERE id = %(id)s::uuid;
+
+-- name: set_run_as_of
+UPDATE persistence_snapshots SET as_of = %(at)s WHERE id = %(id)s;
+
+-- name: session_captures
+SELECT captured_at, snapshot_id::text AS snapshot_id, message_count, max_score, hash_changed,
+       added, removed, edited, late, note
+FROM history_captures
+WHERE session_id = %(id)s::uuid
+ORDER BY captured_at;
+
+-- name: session_versions
+SELECT replaced_at, created_at, updated_at, deleted_at, name, creator_id, mcp_server_url,
+       websocket_key, max_players, settings::text AS settings, status
+FROM history_session_versions
+WHERE session_id = %(id)s::uuid
+ORDER BY replaced_at;
+
+-- name: session_message_changes
+SELECT captured_at, change, message_id::text AS message_id
+FROM history_messages
+WHERE session_id = %(id)s::uuid
+ORDER BY captured_at, id;
+
+-- name: fold_history
+-- History older than `before` folds into the state at `before`: per session,
+-- the last capture before it becomes the capture at `before`; what only
+-- earlier moments needed goes (earlier captures, rows replaced by then, edits
+-- and late marks by then, presence marks but each message's last one).
+WITH base AS (
+    SELECT DISTINCT ON (session_id) session_id, captured_at FROM history_captures
+    WHERE captured_at < %(before)s
+    ORDER BY session_id, captured_at DESC
+),
+captures AS (
+    DELETE FROM history_captures c USING base b
+    WHERE c.session_id = b.session_id AND c.captured_at < b.captured_at
+    RETURNING 1
+),
+versions AS (
+    DELETE FROM history_session_versions v USING base b
+    WHERE v.session_id = b.session_id AND v.replaced_at <= b.captured_at
+    RETURNING 1
+),
+messages AS (
+    DELETE FROM history_messages h USING base b
+    WHERE h.session_id = b.session_id AND h.captured_at <= b.captured_at
+      AND NOT (h.change = 'removed' AND NOT EXISTS (
+          SELECT 1 FROM history_messages h2
+          WHERE h2.message_id = h.message_id AND h2.change IN ('removed', 'returned')
+            AND h2.captured_at <= b.captured_at
+            AND (h2.captured_at, h2.id) > (h.captured_at, h.id)))
+    RETURNING 1
+),
+moved AS (
+    UPDATE history_captures c SET captured_at = %(before)s
+    FROM base b
+    WHERE c.session_id = b.session_id AND c.captured_at = b.captured_at
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved) AS sessions, (SELECT count(*) FROM captures) AS captures,
+       (SELECT count(*) FROM versions) AS session_versions,
+       (SELECT count(*) FROM messages) AS messages;
