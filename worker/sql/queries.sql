@@ -599,7 +599,7 @@ ORDER BY kind, status;
 -- The last backup over every session that completed (partial: it completed,
 -- with records kept aside). The newest first by start, as the index reads.
 SELECT id::text AS id, kind, scope, status, created_at, finished_at, session_count, message_count,
-       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details
+       kept_count, failed_count, duration_ms, error, forced, expected_sessions, details, as_of
 FROM persistence_snapshots
 WHERE kind = 'backup' AND scope = 'all' AND status IN ('completed', 'partial')
 ORDER BY created_at DESC
