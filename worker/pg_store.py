@@ -510,6 +510,80 @@ class PostgresStore:
         params = {"class": OWNER_LOCK_CLASS, "keys": list(keys)}
         return set(self._rows("live_owners", params, scalar_row))
 
+    # -- continuous protection (worker/watch.py, worker/continuous.py) -------
+
+    def mark_pending(self, changes: Mapping[str, tuple[int, datetime]]) -> None:
+        """Sessions seen changed (ID -> (shard, when)): pending until backed up."""
+        if not changes:
+            return
+        ids = sorted(changes)
+        params = {
+            "ids": ids,
+            "shards": [changes[sid][0] for sid in ids],
+            "times": [changes[sid][1] for sid in ids],
+        }
+        self._execute("mark_pending", params)
+
+    def drainable_shards(self) -> list[int]:
+        """Shards with pending sessions a drain could take now."""
+        return self._rows("drainable_shards", {"class": OWNER_LOCK_CLASS}, scalar_row)
+
+    def claim_pending(self, shard: int, token: str, limit: int) -> list[str]:
+        """Take up to ``limit`` pending sessions of ``shard`` for the drain ``token``.
+
+        The drain must hold the owner lock ``token`` (try_owner_lock): a claim
+        whose owner lock is gone can be taken by another drain.
+        """
+        params = {"shard": shard, "token": token, "limit": limit, "class": OWNER_LOCK_CLASS}
+        return sorted(self._rows("claim_pending", params, scalar_row))
+
+    def release_done(self, token: str, session_ids: Sequence[str], pause_s: float) -> None:
+        """Backed up: done, or pending again (after ``pause_s``) if changed meanwhile."""
+        if not session_ids:
+            return
+        params = {"token": token, "ids": sorted(session_ids), "pause": pause_s}
+        with self.conn.transaction():
+            self._execute("lock_claimed", params)
+            self._execute("release_done", params)
+            self._execute("release_changed_again", params)
+
+    def release_failed(
+        self, token: str, session_ids: Sequence[str], *, failed: bool, backoff_s: float
+    ) -> None:
+        """Not backed up: pending still; ``failed`` counts a failure and backs off."""
+        if not session_ids:
+            return
+        params = {
+            "token": token,
+            "ids": sorted(session_ids),
+            "failed": int(failed),
+            "backoff": backoff_s,
+        }
+        with self.conn.transaction():
+            self._execute("lock_claimed", params)
+            self._execute("release_failed", params)
+
+    def add_activity(
+        self, shard: int, *, sessions: int, messages: int, kept: int, failures: int
+    ) -> None:
+        """Count one continuous backup in this minute's row of its shard."""
+        params = {
+            "shard": shard,
+            "backups": 1,
+            "sessions": sessions,
+            "messages": messages,
+            "kept": kept,
+            "failures": failures,
+        }
+        self._execute("add_activity", params)
+
+    def watcher_heartbeat(self, node: str, started_at: datetime, notifications: str) -> None:
+        params = {"node": node, "started_at": started_at, "notifications": notifications}
+        self._execute("watcher_heartbeat", params)
+
+    def watcher_swept(self, node: str, sessions: int, seconds: float) -> None:
+        self._execute("watcher_swept", {"node": node, "sessions": sessions, "seconds": seconds})
+
     # -- batches of runs on the workers --------------------------------------
 
     def save_batches(self, run_id: str, batches: Iterable[tuple[int, int, Sequence[str]]]) -> None:

@@ -90,6 +90,18 @@ class Settings:
     # The last resort: a run still `running` with no progress for this long.
     stale_run_after_s: int = 3600
     result_expires_s: int = 86_400
+
+    # -- continuous protection (worker/watch.py, worker/continuous.py) ---------
+    # Back up changed sessions within seconds (0: only scheduled backups run).
+    continuous_backup: bool = True
+    # The target: a change is in PostgreSQL within this many seconds.
+    continuous_max_lag_s: int = 5
+    # How often every session is compared with its watermark: the bound on the
+    # lag when a keyspace notification is lost (plus the time of a drain).
+    continuous_sweep_interval_s: int = 30
+    # Set notify-keyspace-events with CONFIG SET when it lacks what the
+    # watcher needs (0: never change the server's configuration; sweep only).
+    continuous_set_notifications: bool = True
     beat_schedule_file: str = os.path.join(tempfile.gettempdir(), "dnd-client-celerybeat-schedule")
 
     def __repr__(self) -> str:
@@ -153,6 +165,14 @@ class Settings:
             stale_run_after_s=_int(env, "STALE_RUN_AFTER", d.stale_run_after_s, 10, 604_800),
             supervise_interval_s=_int(env, "SUPERVISE_INTERVAL", d.supervise_interval_s, 1, 3600),
             result_expires_s=_int(env, "CELERY_RESULT_EXPIRES", d.result_expires_s, 60, 2_592_000),
+            continuous_backup=_flag(env, "CONTINUOUS_BACKUP", d.continuous_backup),
+            continuous_max_lag_s=_int(env, "CONTINUOUS_MAX_LAG", d.continuous_max_lag_s, 1, 3600),
+            continuous_sweep_interval_s=_int(
+                env, "CONTINUOUS_SWEEP_INTERVAL", d.continuous_sweep_interval_s, 1, 86_400
+            ),
+            continuous_set_notifications=_flag(
+                env, "CONTINUOUS_SET_NOTIFICATIONS", d.continuous_set_notifications
+            ),
         )
         if settings.task_time_limit_s <= settings.task_soft_time_limit_s:
             raise ConfigError(
@@ -272,6 +292,17 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (got {raw!r})")
 
 
 def _name(env: Mapping[str, str], name: str, default: str) -> str:

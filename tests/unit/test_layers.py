@@ -46,8 +46,8 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ),
     ("stores", "connections pg_store redis_store migrate"),
     ("engines", "engine backup_plan backup restore verify"),
-    ("runs", "services runner runs supervise process drill"),
-    ("celery", "celery_config celery celery_runs tasks"),
+    ("runs", "services runner runs supervise process drill continuous"),
+    ("celery", "celery_config celery celery_runs tasks watch"),
     ("devstack", "devstack"),
     ("cli", "cli __main__"),
 )
