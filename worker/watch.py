@@ -89,7 +89,11 @@ def flags_to_set(current: str) -> str | None:
 
 
 def session_of_channel(channel: bytes | str, channel_prefix: str) -> str | None:
-    """The session ID a keyspace notification's channel names (None: not one of ours)."""
+    """The session ID a keyspace notification's channel names (None: not one of ours).
+
+    ``channel_prefix``: ``__keyspace@<db>__:<key prefix>session:``; what follows
+    is the session ID, or the ID and ``:messages``.
+    """
     name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
     if not name.startswith(channel_prefix):
         return None
@@ -218,7 +222,7 @@ class Watcher:
         try:
             pubsub = self._subscribe(redis)
             started_at = datetime.now(UTC)
-            channel_prefix = f"__keyspace@{_db_of(redis)}__:"
+            channel_prefix = f"__keyspace@{_db_of(redis)}__:{redis.keys.session('')}"
             sweep: Sweep | None = Sweep()  # at once: what happened while no one watched
             next_sweep = 0.0
             next_flush = next_beat = 0.0
