@@ -57,7 +57,8 @@ def _stored(conn: psycopg.Connection[Any], sid: str) -> int:
 
 
 def _has_message(conn: psycopg.Connection[Any], message_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM client_messages WHERE id = %s", (message_id,)).fetchone() is not None
+    found = conn.execute("SELECT 1 FROM client_messages WHERE id = %s", (message_id,))
+    return found.fetchone() is not None
 
 
 def _watcher_active(conn: psycopg.Connection[Any]) -> dict[str, Any] | None:
@@ -115,7 +116,7 @@ def test_a_message_written_by_a_plain_client_is_in_postgresql_within_the_max_lag
     for index in range(1, 6):
         written = time.monotonic()
         message_id = _zadd(client, keys, sid, index)
-        wait_for(lambda: _has_message(pg_conn, message_id), 30, 0.02, "the message stored")
+        wait_for(lambda m=message_id: _has_message(pg_conn, m), 30, 0.02, "the message stored")
         lags.append(time.monotonic() - written)
     assert max(lags) <= DEFAULTS.continuous_max_lag_s, lags
     # Continuous backups write no run record per session.
@@ -273,8 +274,10 @@ from worker.tasks import backup_session
 print(json.dumps(backup_session.AsyncResult({queued[0]!r}).get(timeout=60)))
 """,
     )
-    assert answer["session_id"] == sid and answer["status"] == "completed"
-    assert answer["run_id"] == queued[0] and answer["run_status"] == "completed"
+    assert answer["session_id"] == sid
+    assert answer["status"] == "completed"
+    assert answer["run_id"] == queued[0]
+    assert answer["run_status"] == "completed"
 
     # With the worker at work: a new task only once the queued one has started.
     started = time.monotonic()
@@ -289,7 +292,8 @@ from worker.tasks import backup_session
 print(json.dumps([backup_session.AsyncResult(i).get(timeout=60) for i in {distinct!r}]))
 """,
     )
-    assert all(r["session_id"] == sid and r["status"] in ("completed", "unchanged") for r in results)
+    assert all(r["session_id"] == sid for r in results)
+    assert all(r["status"] in ("completed", "unchanged") for r in results)
     durations = [
         float(row[0])
         for row in pg_conn.execute(

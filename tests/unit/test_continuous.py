@@ -158,7 +158,8 @@ def test_continuous_settings_from_the_environment():
     )
     assert d.continuous_set_notifications is True
     off = Settings.from_env({**base, "CONTINUOUS_BACKUP": "0", "CONTINUOUS_SET_NOTIFICATIONS": "0"})
-    assert not off.continuous_backup and not off.continuous_set_notifications
+    assert not off.continuous_backup
+    assert not off.continuous_set_notifications
     from worker.errors import ConfigError
 
     with pytest.raises(ConfigError, match="CONTINUOUS_BACKUP must be 1 or 0"):

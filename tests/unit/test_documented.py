@@ -86,7 +86,9 @@ def _code_defaults() -> dict[str, str]:
 
 
 def _as_text(value: Any) -> str:
-    """A default as the environment variable writes it (a list: comma-separated)."""
+    """A default as the environment variable writes it (a list: comma-separated, a flag: 1/0)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
