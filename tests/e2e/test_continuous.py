@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def test_a_message_written_by_a_plain_client_is_in_postgresql_within_the_max_lag
     for index in range(1, 6):
         written = time.monotonic()
         message_id = _zadd(client, keys, sid, index)
-        wait_for(lambda m=message_id: _has_message(pg_conn, m), 30, 0.02, "the message stored")
+        wait_for(partial(_has_message, pg_conn, message_id), 30, 0.02, "the message stored")
         lags.append(time.monotonic() - written)
     assert max(lags) <= DEFAULTS.continuous_max_lag_s, lags
     # Continuous backups write no run record per session.
