@@ -36,7 +36,7 @@ from worker.settings import Settings
 
 # A drain stops claiming after this long: a drain is a task like any other,
 # and a queue shared with scheduled batches should not be held for long.
-DRAIN_BUDGET_S = 10.0
+DRAIN_BUDGET_S = 0.5
 # A failed session waits 1 s, 2 s, 4 s ... (at most 60 s) before it is tried again.
 FAILURE_BACKOFF_S = 1.0
 

@@ -522,7 +522,15 @@ class PostgresStore:
             "shards": [changes[sid][0] for sid in ids],
             "times": [changes[sid][1] for sid in ids],
         }
-        self._execute("mark_pending", params)
+        with self._relaxed():
+            self._execute("mark_pending", params)
+
+    @contextlib.contextmanager
+    def _relaxed(self) -> Iterator[None]:
+        """A transaction whose commit does not wait for the disk (see queries.sql)."""
+        with self.conn.transaction():
+            self._execute("relaxed_commit", None)
+            yield
 
     def drainable_shards(self) -> list[int]:
         """Shards with pending sessions a drain could take now."""
@@ -535,14 +543,15 @@ class PostgresStore:
         whose owner lock is gone can be taken by another drain.
         """
         params = {"shard": shard, "token": token, "limit": limit, "class": OWNER_LOCK_CLASS}
-        return sorted(self._rows("claim_pending", params, scalar_row))
+        with self._relaxed():
+            return sorted(self._rows("claim_pending", params, scalar_row))
 
     def release_done(self, token: str, session_ids: Sequence[str], pause_s: float) -> None:
         """Backed up: done, or pending again (after ``pause_s``) if changed meanwhile."""
         if not session_ids:
             return
         params = {"token": token, "ids": sorted(session_ids), "pause": pause_s}
-        with self.conn.transaction():
+        with self._relaxed():
             self._execute("lock_claimed", params)
             self._execute("release_done", params)
             self._execute("release_changed_again", params)
@@ -559,7 +568,7 @@ class PostgresStore:
             "failed": int(failed),
             "backoff": backoff_s,
         }
-        with self.conn.transaction():
+        with self._relaxed():
             self._execute("lock_claimed", params)
             self._execute("release_failed", params)
 
@@ -575,11 +584,13 @@ class PostgresStore:
             "kept": kept,
             "failures": failures,
         }
-        self._execute("add_activity", params)
+        with self._relaxed():
+            self._execute("add_activity", params)
 
     def watcher_heartbeat(self, node: str, started_at: datetime, notifications: str) -> None:
         params = {"node": node, "started_at": started_at, "notifications": notifications}
-        self._execute("watcher_heartbeat", params)
+        with self._relaxed():
+            self._execute("watcher_heartbeat", params)
 
     def watcher_swept(self, node: str, sessions: int, seconds: float) -> None:
         self._execute("watcher_swept", {"node": node, "sessions": sessions, "seconds": seconds})

@@ -619,3 +619,10 @@ SET last_sweep_at = now(), last_sweep_sessions = %(sessions)s,
     last_sweep_seconds = %(seconds)s, heartbeat_at = now()
 WHERE node = %(node)s;
 
+
+-- name: relaxed_commit
+-- For continuous_pending / continuous_activity / continuous_watcher only: their
+-- rows may be lost in a crash of PostgreSQL without losing a change (a lost
+-- mark is found again by the sweep, since the watermark still differs; a lost
+-- release means one backup more), so their commits need not wait for the disk.
+SET LOCAL synchronous_commit = off;
