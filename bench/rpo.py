@@ -209,7 +209,7 @@ class Load:
             if now - start >= seconds:
                 break
             due = int((now - start) * rate) + 1
-            while sent < due:
+            while sent < due and time.monotonic() - start < seconds:
                 sid = rng.choice(self.sessions)
                 at_ms = int(time.time() * 1000)
                 mid, member, created = message_json(sid, sent, at_ms)
@@ -378,8 +378,10 @@ def run_load(
         caught_up = None  # reported: stored < written
     load.stop_polling.set()
     stored = scalar(conn, "SELECT count(*) FROM client_messages")
-    in_redis = sum(redis.Redis.from_url(data.url).zcard(f"{prefix}session:{sid}:messages")
-                   for sid in sessions)  # fmt: skip
+    pipe = redis.Redis.from_url(data.url).pipeline(transaction=False)
+    for sid in sessions:
+        pipe.zcard(f"{prefix}session:{sid}:messages")
+    in_redis = sum(pipe.execute())
     # A message never seen within the wait counts with the lag it had when the wait ended.
     end = time.monotonic()
     lags = [load.visible.get(m, end) - load.written[m] for m in load.written]
