@@ -199,9 +199,9 @@ class Load:
         self.write_errors = 0
         self.stop_polling = threading.Event()
 
-    def write(self, rate: float, seconds: float) -> None:
+    def write(self, rate: float, seconds: float, seed: int = 0) -> None:
         client = redis.Redis.from_url(self.url, socket_timeout=5)
-        rng = random.Random(1)
+        rng = random.Random(seed)
         start = time.monotonic()
         sent = 0
         while True:
@@ -351,10 +351,16 @@ def run_load(
     drains_before = sum(w.log_path.read_text(errors="replace").count("continuous_drain[")
                         for w in workers) // 2  # fmt: skip
     load = Load(data.url, prefix, database_url, sessions)
-    writer = threading.Thread(target=load.write, args=(args.rate, args.seconds))
+    # Several writers (each its own connection and share of the rate): one alone
+    # cannot offer 1,000 round trips a second on a busy 2-core machine.
+    writers = [
+        threading.Thread(target=load.write, args=(args.rate / args.writers, args.seconds, n))
+        for n in range(args.writers)
+    ]
     poller = threading.Thread(target=load.poll, daemon=True)
     started = time.monotonic()
-    writer.start()
+    for writer in writers:
+        writer.start()
     poller.start()
     events: dict[str, Any] = {}
     if args.kill_worker or args.restart_redis:
@@ -369,7 +375,8 @@ def run_load(
         if args.restart_redis:
             events["redis_away_s"] = round(data.restart_with_data(), 2)
             events["restarted_at_s"] = round(time.monotonic() - started, 1)
-    writer.join()
+    for writer in writers:
+        writer.join()
     load_seconds = time.monotonic() - started
     written = len(load.written)
     try:
@@ -449,6 +456,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--writers", type=int, default=4, help="writer threads sharing --rate")
     parser.add_argument("--kill-worker", action="store_true")
     parser.add_argument("--restart-redis", action="store_true")
     parser.add_argument("--admin-url", default=os.environ.get("DND_BENCH_DATABASE_URL", ADMIN_URL))
