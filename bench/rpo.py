@@ -16,9 +16,10 @@ vs stored (after the load stops, waiting up to 120 s), drain tasks run vs messag
 the workers' CPU, and the watcher's sweep (sessions, seconds, cost per session, plus one
 sweep timed here on its own).
 
---kill-worker: at half time, SIGKILL the first worker (its whole process group: the
-active watcher and its drains), and start it again 2 s later (use --workers 2 to have
-another take over at once). --restart-redis: at half time, `SHUTDOWN SAVE` the data Redis
+--kill-worker: at half time, SIGKILL the worker whose watcher is the active one (its whole
+process group: the watcher and its drains), and start it again 2 s later (use --workers 2
+to have another take over at once). --writers: threads sharing --rate (default 4).
+--restart-redis: at half time, `SHUTDOWN SAVE` the data Redis
 and start it again on the same port from its dump (its data kept, notifications setting
 lost: the watcher sets it again and sweeps). Exit 0 whatever the figures; 1 when something
 could not be measured.
@@ -366,12 +367,16 @@ def run_load(
     if args.kill_worker or args.restart_redis:
         time.sleep(args.seconds / 2)
         if args.kill_worker:
-            node = scalar(conn, "SELECT node FROM continuous_watcher")
-            workers[0].kill()
+            # The worker whose watcher is the active one, and its drains.
+            node = str(scalar(conn, "SELECT node FROM continuous_watcher"))
+            victim = next(
+                (w for n, w in enumerate(workers) if node.startswith(f"rpo{n}@")), workers[0]
+            )
+            victim.kill()
             events["killed_at_s"] = round(time.monotonic() - started, 1)
             events["active_watcher_before"] = node
             time.sleep(2)
-            workers[0].restart()
+            victim.restart()
         if args.restart_redis:
             events["redis_away_s"] = round(data.restart_with_data(), 2)
             events["restarted_at_s"] = round(time.monotonic() - started, 1)
