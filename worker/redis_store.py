@@ -363,6 +363,12 @@ class RedisStore:
         with redis_errors(self._url):
             self._clear_marker(keys=[key], args=[value])
 
+    def drop_markers(self, keys: Sequence[str]) -> None:
+        """Delete markers whatever they hold."""
+        if keys:
+            with redis_errors(self._url):
+                self.client.delete(*keys)
+
     def notify_flags(self) -> str | None:
         """notify-keyspace-events of the server; None when CONFIG is refused."""
         try:

@@ -66,7 +66,7 @@ FLUSH_INTERVAL_S = 0.25
 SWEEP_PAGE = 500
 # A queued drain's marker expires after this long if the drain never starts
 # (its worker died with it reserved): then another is queued.
-DRAIN_MARKER_TTL_S = 30
+DRAIN_MARKER_TTL_S = 10
 # Restart back-off after an error (a server down), doubling, capped.
 RESTART_BACKOFF_MAX_S = 2.0
 # The key of the advisory lock that elects the active watcher.
@@ -220,6 +220,13 @@ class Watcher:
         redis = redis_store(self.settings)
         pubsub = None
         try:
+            # Markers of drains queued before (by a watcher now gone, or restored
+            # with a Redis restarted from its dump whose drains then failed)
+            # would hold this shard's next drain back until they expire: forget
+            # them. A drain queued twice finds nothing to claim and ends.
+            redis.drop_markers(
+                [redis.keys.drain_queued(n) for n in range(self.settings.backup_shards)]
+            )
             pubsub = self._subscribe(redis)
             started_at = datetime.now(UTC)
             channel_prefix = f"__keyspace@{_db_of(redis)}__:{redis.keys.session('')}"
