@@ -512,12 +512,18 @@ class PostgresStore:
 
     # -- continuous protection (worker/watch.py, worker/continuous.py) -------
 
-    def mark_pending(self, changes: Mapping[str, tuple[int, datetime]]) -> None:
-        """Sessions seen changed (ID -> (shard, when)): pending until backed up."""
+    def mark_pending(
+        self, changes: Mapping[str, tuple[int, datetime]], pause_s: float = 0.0
+    ) -> None:
+        """Sessions seen changed (ID -> (shard, when)): pending until backed up.
+
+        One backed up less than ``pause_s`` ago waits for the rest of the pause.
+        """
         if not changes:
             return
         ids = sorted(changes)
         params = {
+            "pause": pause_s,
             "ids": ids,
             "shards": [changes[sid][0] for sid in ids],
             "times": [changes[sid][1] for sid in ids],

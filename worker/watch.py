@@ -45,6 +45,7 @@ from typing import Any
 
 from worker.celery_config import CONTINUOUS_DRAIN_TASK, shard_queue
 from worker.connections import connect_postgres
+from worker.continuous import repeat_pause_s
 from worker.errors import InvalidArgument
 from worker.models import Watermark
 from worker.pg_store import PostgresStore
@@ -332,7 +333,7 @@ class Watcher:
         """Write the changes seen (kept if that fails), then queue the drains needed."""
         if self.changes:
             pending = dict(self.changes)
-            pg.mark_pending(pending)
+            pg.mark_pending(pending, repeat_pause_s(self.settings))
             for sid in pending:
                 if self.changes.get(sid) == pending[sid]:
                     del self.changes[sid]

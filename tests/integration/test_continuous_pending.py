@@ -97,3 +97,10 @@ def test_a_drain_backs_sessions_up_without_a_run_record(services, redis_client, 
         "SELECT count(*) FROM persistence_kept_records WHERE session_id = %s", (sid,)
     ).fetchone()
     assert kept == (1,)
+
+    # Written again just after its backup: it waits for the rest of the pause.
+    services.pg.mark_pending({sid2: (shard_of(sid2, shards), datetime.now(UTC))}, pause_s=60)
+    retry_after = _rows(pg_conn)[sid2][3]
+    assert retry_after > datetime.now(UTC) + timedelta(seconds=50)
+    services.pg.mark_pending({sid: (shard_of(sid, shards), datetime.now(UTC))}, pause_s=0)
+    assert _rows(pg_conn)[sid][3] is None

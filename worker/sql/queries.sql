@@ -505,11 +505,17 @@ ORDER BY sid;
 -- Sessions seen changed. A row already pending keeps its oldest change; a row a
 -- drain has claimed (its backup may have read Redis before this change) gets
 -- changed_again, so it stays pending after that backup.
-INSERT INTO continuous_pending (session_id, shard, changed_at)
-SELECT id, shard, changed_at
+-- A session backed up less than %(pause)s seconds ago waits for the rest of
+-- that pause (retry_after): written without a break, it is backed up every so
+-- often, not after every write.
+INSERT INTO continuous_pending (session_id, shard, changed_at, retry_after)
+SELECT c.id, c.shard, c.changed_at,
+       CASE WHEN w.updated_at > now() - make_interval(secs => %(pause)s)
+            THEN w.updated_at + make_interval(secs => %(pause)s) END
 FROM unnest(%(ids)s::uuid[], %(shards)s::int[], %(times)s::timestamptz[])
     AS c (id, shard, changed_at)
-ORDER BY id
+LEFT JOIN backup_watermarks w ON w.session_id = c.id
+ORDER BY c.id
 ON CONFLICT (session_id) DO UPDATE SET
     changed_at = CASE WHEN continuous_pending.claimed_by IS NULL
                       THEN least(continuous_pending.changed_at, EXCLUDED.changed_at)
