@@ -25,6 +25,8 @@ CREATE INDEX continuous_pending_shard_idx ON continuous_pending (shard, changed_
 
 -- The watcher that is active (one per deployment: an advisory lock elects it
 -- among the workers) says it is alive here, and when its last sweep ended.
+-- heartbeat_at is written every 2 s (worker/watch.py HEARTBEAT_INTERVAL_S);
+-- older than 10 s (STALE_AFTER_S) means no watcher is active.
 -- `dnd-client status` and the metrics count the recovery point from the last
 -- heartbeat when the watcher is gone, so the lag keeps rising with no worker.
 CREATE TABLE continuous_watcher (

@@ -243,6 +243,11 @@ def env(database_url: str, redis_server_url: str, key_prefix: str) -> dict[str, 
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_server_url,
         "REDIS_KEY_PREFIX": key_prefix,
+        # The machine's shared Redis is never reconfigured: a worker's watcher
+        # must not CONFIG SET its notify-keyspace-events. Tests of continuous
+        # backup with the default (set them) use a Redis of their own
+        # (tests/e2e/test_continuous.py).
+        "CONTINUOUS_SET_NOTIFICATIONS": "0",
     }
 
 

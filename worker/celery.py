@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import flower_guard, process
+from worker import flower_guard, process, watch
 from worker.celery_config import build_config, signing_enabled
 from worker.settings import get_settings
 from worker.tls import tls_warning
@@ -74,3 +74,17 @@ def _warn_unchecked_tls(**_: Any) -> None:
     warning = tls_warning(get_settings())
     if warning:
         logging.getLogger("worker.tls").warning(warning)
+
+
+@signals.worker_ready.connect
+def _start_watcher(sender: Any = None, **_: Any) -> None:
+    # In the worker's main process, once its pool has forked: a thread started
+    # before the fork would not exist in the pool's processes anyway, but its
+    # sockets would. One watcher per deployment is active (worker/watch.py).
+    node = str(getattr(sender, "hostname", None) or "celery")
+    watch.start(get_settings(), app, node)
+
+
+@signals.worker_shutdown.connect
+def _stop_watcher(**_: Any) -> None:
+    watch.stop()

@@ -33,6 +33,10 @@ def batch_task_name(kind: RunKind) -> str:
     return f"worker.tasks.{kind}_batch"
 
 
+# Backs up the pending sessions of one shard (worker/continuous.py): its only
+# argument is the shard, and it goes to that shard's queue.
+CONTINUOUS_DRAIN_TASK = "worker.tasks.continuous_drain"
+
 # Tasks whose first argument is a session ID: routed to the session's shard.
 PER_SESSION_TASKS = frozenset(session_task_name(kind) for kind in RUN_KINDS)
 # Tasks that carry a `shard` argument (batches of one shard's sessions).
@@ -305,6 +309,10 @@ def route_task(
         # Refuses anything but a UUID before it is sent anywhere.
         canonical = parse_session_id(session_id if isinstance(session_id, str) else "")
         return {"queue": shard_queue(settings, shard_of(canonical, settings.backup_shards))}
+    if name == CONTINUOUS_DRAIN_TASK:
+        shard = (kwargs or {}).get("shard", args[0] if args else None)
+        if isinstance(shard, int):
+            return {"queue": shard_queue(settings, shard)}
     if name in PER_SHARD_TASKS:
         shard = kwargs.get("shard") if kwargs else None
         if shard is None and args and len(args) > 1:

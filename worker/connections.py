@@ -32,6 +32,7 @@ from worker.errors import (
     SchemaNotReady,
     ServiceUnavailable,
     StoreError,
+    TransientError,
 )
 from worker.settings import Settings, passwords_in, redact_url, secrets_of
 
@@ -177,6 +178,15 @@ def postgres_error(exc: psycopg.Error, settings: Settings) -> DndError:
         return LockTimeout(
             "another backup or restore held the session lock longer than "
             f"DATABASE_LOCK_TIMEOUT_MS ({settings.lock_timeout_ms} ms): {reason}"
+        )
+    if (exc.sqlstate or "").startswith("40"):
+        # Class 40, transaction rollback: a deadlock (40P01), a serialization
+        # failure (40001). The same work succeeds when done again. psycopg's
+        # DeadlockDetected is not a TransactionRollback subclass (it is an
+        # OperationalError, which would read as "cannot reach PostgreSQL"):
+        # the SQLSTATE is what tells.
+        return TransientError(
+            f"PostgreSQL rolled a transaction back: {reason} (SQLSTATE {exc.sqlstate})"
         )
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return StoreError(

@@ -53,3 +53,21 @@ class RedisKeys:
         The keys expire, like staging keys.
         """
         return RedisKeys(f"{self.prefix}restore-replaced:{run_id}:")
+
+    def backup_queued(self, session_id: str) -> str:
+        """STRING: the ID of a backup_session task queued and not started yet.
+
+        Ours, outside the application's layout, short-lived (an expiry): the
+        application asking for a backup of the same session again is answered
+        with that task instead of a new one (worker/tasks.py).
+        """
+        return f"{self.prefix}backup-queued:{session_id}"
+
+    def drain_queued(self, shard: int) -> str:
+        """STRING: the ID of a continuous drain task of this shard queued and not started yet."""
+        return f"{self.prefix}continuous-drain-queued:{shard}"
+
+    @property
+    def session_pattern(self) -> str:
+        """Glob of every key of a session (its hash and its messages zset)."""
+        return f"{self.prefix}session:*"

@@ -604,6 +604,97 @@ class PostgresStore(HistoryQueries):
                 beat_alive=bool(self.live_owners([beat_key])),
             )
 
+    # -- continuous protection (worker/watch.py, worker/continuous.py) -------
+
+    def mark_pending(
+        self, changes: Mapping[str, tuple[int, datetime]], pause_s: float = 0.0
+    ) -> None:
+        """Sessions seen changed (ID -> (shard, when)): pending until backed up.
+
+        One backed up less than ``pause_s`` ago waits for the rest of the pause.
+        """
+        if not changes:
+            return
+        ids = sorted(changes)
+        params = {
+            "pause": pause_s,
+            "ids": ids,
+            "shards": [changes[sid][0] for sid in ids],
+            "times": [changes[sid][1] for sid in ids],
+        }
+        with self._relaxed():
+            self._execute("mark_pending", params)
+
+    @contextlib.contextmanager
+    def _relaxed(self) -> Iterator[None]:
+        """A transaction whose commit does not wait for the disk (see queries.sql)."""
+        with self.conn.transaction():
+            self._execute("relaxed_commit", None)
+            yield
+
+    def drainable_shards(self) -> list[int]:
+        """Shards with pending sessions a drain could take now."""
+        return self._rows("drainable_shards", {"class": OWNER_LOCK_CLASS}, scalar_row)
+
+    def claim_pending(self, shard: int, token: str, limit: int) -> list[str]:
+        """Take up to ``limit`` pending sessions of ``shard`` for the drain ``token``.
+
+        The drain must hold the owner lock ``token`` (try_owner_lock): a claim
+        whose owner lock is gone can be taken by another drain.
+        """
+        params = {"shard": shard, "token": token, "limit": limit, "class": OWNER_LOCK_CLASS}
+        with self._relaxed():
+            return sorted(self._rows("claim_pending", params, scalar_row))
+
+    def release_done(self, token: str, session_ids: Sequence[str], pause_s: float) -> None:
+        """Backed up: done, or pending again (after ``pause_s``) if changed meanwhile."""
+        if not session_ids:
+            return
+        params = {"token": token, "ids": sorted(session_ids), "pause": pause_s}
+        with self._relaxed():
+            self._execute("lock_claimed", params)
+            self._execute("release_done", params)
+            self._execute("release_changed_again", params)
+
+    def release_failed(
+        self, token: str, session_ids: Sequence[str], *, failed: bool, backoff_s: float
+    ) -> None:
+        """Not backed up: pending still; ``failed`` counts a failure and backs off."""
+        if not session_ids:
+            return
+        params = {
+            "token": token,
+            "ids": sorted(session_ids),
+            "failed": int(failed),
+            "backoff": backoff_s,
+        }
+        with self._relaxed():
+            self._execute("lock_claimed", params)
+            self._execute("release_failed", params)
+
+    def add_activity(
+        self, shard: int, *, sessions: int, messages: int, kept: int, failures: int
+    ) -> None:
+        """Count one continuous backup in this minute's row of its shard."""
+        params = {
+            "shard": shard,
+            "backups": 1,
+            "sessions": sessions,
+            "messages": messages,
+            "kept": kept,
+            "failures": failures,
+        }
+        with self._relaxed():
+            self._execute("add_activity", params)
+
+    def watcher_heartbeat(self, node: str, started_at: datetime, notifications: str) -> None:
+        params = {"node": node, "started_at": started_at, "notifications": notifications}
+        with self._relaxed():
+            self._execute("watcher_heartbeat", params)
+
+    def watcher_swept(self, node: str, sessions: int, seconds: float) -> None:
+        self._execute("watcher_swept", {"node": node, "sessions": sessions, "seconds": seconds})
+
     # -- batches of runs on the workers --------------------------------------
 
     def save_batches(self, run_id: str, batches: Iterable[tuple[int, int, Sequence[str]]]) -> None:

@@ -17,12 +17,14 @@ import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.cluster
 
 from worker.cluster_swap import swap_in
 from worker.connections import DataRedis, one_line, redis_errors
+from worker.errors import StoreError
 from worker.keys import RedisKeys
 from worker.models import Watermark
 
@@ -133,6 +135,25 @@ class SessionCommit:
     staged_members: int
 
 
+# KEYS: a marker; ARGV: the value it must hold. Deletes it only if it holds it.
+_CLEAR_MARKER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepProbe:
+    """What the sweep compares with a session's watermark: cheap to read."""
+
+    session_id: str
+    fields: dict[bytes, bytes]
+    message_count: int
+    top_score: float | None
+
+
 class RedisStore:
     def __init__(self, client: DataRedis, keys: RedisKeys, url: str) -> None:
         self.client = client
@@ -142,6 +163,7 @@ class RedisStore:
         # slots, so no command or script may name two of them (CROSSSLOT).
         self.cluster = isinstance(client, redis.cluster.RedisCluster)
         self._commit = client.register_script(_COMMIT_SESSION)
+        self._clear_marker = client.register_script(_CLEAR_MARKER)
 
     def _staging(self, run_id: str, session_id: str) -> str:
         if self.cluster:
@@ -161,6 +183,12 @@ class RedisStore:
         """
         with redis_errors(self._url):
             yield from self.client.sscan_iter(self.keys.sessions, count=page_size)
+
+    def session_members_page(self, cursor: int, count: int = 500) -> tuple[int, list[bytes]]:
+        """One SSCAN step over the sessions set: (next cursor, members); cursor 0 ends."""
+        with redis_errors(self._url):
+            next_cursor, members = self.client.sscan(self.keys.sessions, cursor, count=count)
+        return int(next_cursor), [bytes(m) for m in members]  # type: ignore[arg-type]
 
     # -- backup -------------------------------------------------------------
 
@@ -397,3 +425,81 @@ class RedisStore:
             return
         with redis_errors(self._url):
             self.client.delete(*(self._staging(run_id, sid) for sid in session_ids))
+
+    # -- continuous protection -----------------------------------------------
+
+    def sweep_probe(self, session_ids: Sequence[str]) -> list[SweepProbe]:
+        """Hash, ZCARD and top score of many sessions, in one round trip.
+
+        A session whose keys cannot be read (a key of the wrong type) is left
+        out: the scheduled backup reports it.
+        """
+        with redis_errors(self._url):
+            pipe = self.client.pipeline(transaction=False)
+            for session_id in session_ids:
+                key = self.keys.messages(session_id)
+                pipe.hgetall(self.keys.session(session_id))
+                pipe.zcard(key)
+                pipe.zrange(key, -1, -1, withscores=True)
+            replies = iter(pipe.execute(raise_on_error=False))
+        probes = []
+        for session_id in session_ids:
+            fields, count, top = next(replies), next(replies), next(replies)
+            if any(isinstance(r, redis.ResponseError) for r in (fields, count, top)):
+                continue
+            score = float(top[0][1]) if top else None
+            probes.append(SweepProbe(session_id, fields, int(count), score))
+        return probes
+
+    def put_marker(self, key: str, value: str, ttl_s: int) -> str | None:
+        """SET ``key`` to ``value`` unless it exists; None when set, else what it holds."""
+        with redis_errors(self._url):
+            for _ in range(3):
+                if self.client.set(key, value, nx=True, ex=ttl_s):
+                    return None
+                held = self.client.get(key)
+                if held is not None:
+                    return held.decode() if isinstance(held, bytes) else str(held)
+                # It expired between the two commands: try again.
+        return None
+
+    def clear_marker(self, key: str, value: str) -> None:
+        """Delete ``key`` if it still holds ``value`` (not a marker set after it)."""
+        with redis_errors(self._url):
+            self._clear_marker(keys=[key], args=[value])
+
+    def drop_markers(self, keys: Sequence[str]) -> None:
+        """Delete markers whatever they hold."""
+        if keys:
+            with redis_errors(self._url):
+                self.client.delete(*keys)
+
+    def notify_flags(self) -> str | None:
+        """notify-keyspace-events of the server; None when CONFIG is refused."""
+        try:
+            with redis_errors(self._url):
+                reply = self.client.config_get("notify-keyspace-events")
+        except StoreError:
+            return None  # renamed away, or the ACL forbids it (a managed Redis)
+        values: dict[Any, Any] = dict(reply)
+        value = values.get(b"notify-keyspace-events", values.get("notify-keyspace-events", b""))
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def set_notify_flags(self, flags: str) -> bool:
+        """CONFIG SET notify-keyspace-events; False when refused."""
+        try:
+            with redis_errors(self._url):
+                self.client.config_set("notify-keyspace-events", flags)
+        except StoreError:
+            return False
+        return True
+
+    def subscribe_sessions(self) -> Any:
+        """A subscription to the keyspace notifications of every session key."""
+        # One Redis (a cluster's notifications are per node: worker/watch_cluster.py).
+        assert isinstance(self.client, redis.Redis)
+        db = int(self.client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        with redis_errors(self._url):
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub.psubscribe(f"__keyspace@{db}__:{self.keys.session_pattern}")
+        return pubsub

@@ -129,6 +129,12 @@ class Settings:
     # The recovery point to hold: `dnd-client status` exits non-zero above it,
     # and the alert in deploy/prometheus/alerts.yml fires above it.
     continuous_max_lag_s: float = 5.0
+    # How often every session is compared with its watermark: the bound on the
+    # lag when a keyspace notification is lost (plus the time of a drain).
+    continuous_sweep_interval_s: int = 30
+    # Set notify-keyspace-events with CONFIG SET when it lacks what the
+    # watcher needs (0: never change the server's configuration; sweep only).
+    continuous_set_notifications: bool = True
     # Beat serves the Prometheus metrics on this port (0: it does not).
     metrics_port: int = DEFAULT_METRICS_PORT
     # ...on this address: every interface, so that Prometheus can reach it.
@@ -203,6 +209,12 @@ class Settings:
             continuous_backup=_bool(env, "CONTINUOUS_BACKUP", d.continuous_backup),
             continuous_max_lag_s=_float(
                 env, "CONTINUOUS_MAX_LAG", d.continuous_max_lag_s, 0.1, 86_400
+            ),
+            continuous_sweep_interval_s=_int(
+                env, "CONTINUOUS_SWEEP_INTERVAL", d.continuous_sweep_interval_s, 1, 86_400
+            ),
+            continuous_set_notifications=_bool(
+                env, "CONTINUOUS_SET_NOTIFICATIONS", d.continuous_set_notifications
             ),
             metrics_port=_int(env, "METRICS_PORT", d.metrics_port, 0, 65535),
             metrics_address=env.get("METRICS_ADDRESS", "").strip() or d.metrics_address,

@@ -14,18 +14,28 @@ they are kept aside and the run is `partial`.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Task
 
-from worker import celery_runs, process, runs
+from worker import celery_runs, continuous, process, runs
 from worker.celery import app
-from worker.celery_config import batch_task_name, full_task_name, session_task_name
+from worker.celery_config import (
+    CONTINUOUS_DRAIN_TASK,
+    batch_task_name,
+    full_task_name,
+    session_task_name,
+)
 from worker.celery_runs import RunTask, worker_name
-from worker.errors import TransientError
+from worker.errors import DndError, InvalidArgument, TransientError
 from worker.models import BackupOptions, RestoreOptions, RunKind, VerifyOptions
+from worker.records import parse_session_id
+from worker.redis_store import RedisStore
+from worker.services import redis_store
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +62,88 @@ class SessionRunTask(RunTask):
         return kwargs.get("run_id") or task_id, 0
 
 
+# A queued backup_session's marker expires after this long if its task never
+# starts (a broker that lost it): then a new request queues a new task.
+BACKUP_MARKER_TTL_S = 60
+
+
+def coalescible(args: Sequence[Any] | None, kwargs: dict[str, Any] | None) -> str | None:
+    """The session of a plain ``backup_session`` request (ID only), else None.
+
+    Only a request for an ordinary incremental backup under a new run merges
+    with one already queued: one naming its run (the supervisor sending a
+    lost one again) or asking for a full backup is sent as asked.
+    """
+    positional = list(args or ())
+    named = dict(kwargs or {})
+    if len(positional) > 1 or named.get("run_id") or named.get("full"):
+        return None
+    if positional and "session_id" in named:
+        return None
+    raw = positional[0] if positional else named.get("session_id")
+    if not isinstance(raw, str) or set(named) - {"session_id", "run_id", "full"}:
+        return None
+    try:
+        return parse_session_id(raw)
+    except InvalidArgument:
+        return None  # refused by the router, with its message
+
+
+_markers: tuple[int, RedisStore] | None = None
+
+
+def _marker_store() -> RedisStore:
+    """This process's client for the markers (opened on first use, again after a fork)."""
+    global _markers
+    if _markers is None or _markers[0] != os.getpid():
+        _markers = (os.getpid(), redis_store(get_settings()))
+    return _markers[1]
+
+
+class CoalescedBackupTask(SessionRunTask):
+    """backup_session: a request for a session whose backup is queued joins that one.
+
+    ``backup_session.delay(id)`` after every write is the documented way to ask
+    for a prompt backup: 1,000 requests a second for one session give one
+    queued task (a marker in Redis names it, and every request until it starts
+    gets its AsyncResult, so the same result dict) and the one running. The
+    task clears the marker as it starts, so a write during its run is covered
+    by the next request's new task.
+    """
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        task_id: str | None = None,
+        **options: Any,
+    ) -> Any:
+        sid = coalescible(args, kwargs)
+        if sid is None or options.get("countdown") or options.get("eta"):
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        task_id = task_id or str(uuid.uuid4())
+        try:
+            store = _marker_store()
+            queued = store.put_marker(store.keys.backup_queued(sid), task_id, BACKUP_MARKER_TTL_S)
+        except DndError as exc:
+            # Redis unreachable from here: ask anyway, the task finds out.
+            log.warning("backup_session: cannot merge with a queued request (%s)", exc)
+            queued = None
+        if queued is not None and queued != task_id:
+            return self.AsyncResult(queued)
+        return super().apply_async(args, kwargs, task_id=task_id, **options)
+
+
+def _started(session_id: str, task_id: str) -> None:
+    """The request is no longer queued: a new one must queue a new task."""
+    try:
+        sid = parse_session_id(session_id)
+        store = _marker_store()
+        store.clear_marker(store.keys.backup_queued(sid), task_id)
+    except DndError as exc:
+        log.warning("backup_session: cannot clear the queued marker (%s)", exc)
+
+
 class BatchTask(RunTask):
     """A batch of a full run: called with (run ID, shard, batch number, options)."""
 
@@ -66,11 +158,12 @@ class BatchTask(RunTask):
 # -- one session ------------------------------------------------------------------
 
 
-@app.task(name=session_task_name("backup"), bind=True, base=SessionRunTask)
+@app.task(name=session_task_name("backup"), bind=True, base=CoalescedBackupTask)
 def backup_session(
     self: Task, session_id: str, run_id: str | None = None, full: bool = False
 ) -> dict[str, Any]:
     """Back up one session (a one-session run); returns its result dict."""
+    _started(session_id, self.request.id)
     return celery_runs.session_run(self, BackupOptions(full=full), session_id, run_id)
 
 
@@ -176,6 +269,18 @@ def fail_run(request: Any, exc: BaseException, traceback: Any, *, run_id: str) -
     args: list[Any] = list(getattr(request, "args", None) or [])
     batch_no = int(args[2]) if len(args) > 2 else 0
     celery_runs.fail_batch_quietly(run_id, batch_no, celery_runs.describe_error(exc))
+
+
+# -- continuous protection ---------------------------------------------------------
+
+
+@app.task(name=CONTINUOUS_DRAIN_TASK, bind=True)
+def continuous_drain(self: Task, shard: int) -> dict[str, int]:
+    """Back up the pending sessions of a shard (queued by the watcher, one at a time)."""
+    with process.task_services(worker_name(self)) as services:
+        # No longer queued: the watcher may queue the next drain of this shard.
+        services.redis.clear_marker(services.redis.keys.drain_queued(shard), self.request.id)
+        return continuous.drain(services, shard).as_dict()
 
 
 # -- housekeeping -------------------------------------------------------------------

@@ -33,6 +33,15 @@ MINUTE = 60
 pytestmark = pytest.mark.timeout(5 * MINUTE)
 
 
+@pytest.fixture
+def celery_env(celery_env: dict[str, str]) -> dict[str, str]:
+    # These tests are about explicit and scheduled runs: what each run stores,
+    # counts and reports. Continuous backups (on by default) would store the
+    # same sessions first, and the runs would find them unchanged; they have
+    # their own tests (tests/e2e/test_continuous.py).
+    return {**celery_env, "CONTINUOUS_BACKUP": "0"}
+
+
 def _message_counts(conn: psycopg.Connection) -> tuple[int, int]:
     row = conn.execute("SELECT count(*), count(DISTINCT id) FROM client_messages").fetchone()
     assert row is not None

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
+
 from tests.e2e.conftest import wait_for_run
 from tests.factories import add_messages, make_sessions, message
 from tests.processes import run_cli, run_python
 from worker.sharding import shard_of
 
 OK, DIFFERENCES = 0, 11
+
+
+@pytest.fixture
+def celery_env(celery_env: dict[str, str]) -> dict[str, str]:
+    # These tests are about explicit and scheduled runs: what each run stores,
+    # counts and reports. Continuous backups (on by default) would store the
+    # same sessions first, and the runs would find them unchanged; they have
+    # their own tests (tests/e2e/test_continuous.py).
+    return {**celery_env, "CONTINUOUS_BACKUP": "0"}
 
 
 def _cli(env, *args):

@@ -47,8 +47,11 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ),
     ("stores", "connections pg_history pg_store redis_store cluster_swap watch_cluster migrate"),
     ("engines", "engine backup_plan backup restore verify"),
-    ("runs", "services runner runs supervise process drill health metrics beat_presence"),
-    ("celery", "celery_config celery celery_runs tasks celery_health"),
+    (
+        "runs",
+        "services runner runs supervise process drill continuous health metrics beat_presence",
+    ),
+    ("celery", "celery_config celery celery_runs tasks celery_health watch"),
     ("devstack", "devstack"),
     ("cli", "cli __main__"),
 )

@@ -801,3 +801,139 @@ moved AS (
 SELECT (SELECT count(*) FROM moved) AS sessions, (SELECT count(*) FROM captures) AS captures,
        (SELECT count(*) FROM versions) AS session_versions,
        (SELECT count(*) FROM messages) AS messages;
+-- Continuous protection (worker/watch.py marks, worker/continuous.py drains).
+-- LOCK ORDER: every statement that locks several continuous_pending rows locks
+-- them in session_id order, or the watcher's marking and the drains' claiming
+-- and releasing deadlock under load.
+
+-- name: mark_pending
+-- Sessions seen changed. A row already pending keeps its oldest change; a row a
+-- drain has claimed (its backup may have read Redis before this change) gets
+-- changed_again, so it stays pending after that backup.
+-- A session backed up less than %(pause)s seconds ago waits for the rest of
+-- that pause (retry_after): written without a break, it is backed up every so
+-- often, not after every write.
+INSERT INTO continuous_pending (session_id, shard, changed_at, retry_after)
+SELECT c.id, c.shard, c.changed_at,
+       CASE WHEN w.updated_at > now() - make_interval(secs => %(pause)s)
+            THEN w.updated_at + make_interval(secs => %(pause)s) END
+FROM unnest(%(ids)s::uuid[], %(shards)s::int[], %(times)s::timestamptz[])
+    AS c (id, shard, changed_at)
+LEFT JOIN backup_watermarks w ON w.session_id = c.id
+ORDER BY c.id
+ON CONFLICT (session_id) DO UPDATE SET
+    changed_at = CASE WHEN continuous_pending.claimed_by IS NULL
+                      THEN least(continuous_pending.changed_at, EXCLUDED.changed_at)
+                      ELSE continuous_pending.changed_at END,
+    changed_again = CASE WHEN continuous_pending.claimed_by IS NULL
+                         THEN continuous_pending.changed_again
+                         ELSE coalesce(continuous_pending.changed_again, EXCLUDED.changed_at) END;
+
+-- name: drainable_shards
+-- Shards with sessions a drain could take now: unclaimed, or claimed by a
+-- drain whose owner lock is gone (its worker died), and not backing off.
+SELECT DISTINCT p.shard
+FROM continuous_pending p
+WHERE (p.retry_after IS NULL OR p.retry_after <= now())
+  AND (p.claimed_by IS NULL OR NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = %(class)s::oid
+      AND l.objid = (hashtext(p.claimed_by)::bigint & 4294967295)::oid
+  ))
+ORDER BY p.shard;
+
+-- name: claim_pending
+-- A drain takes up to %(limit)s sessions of its shard (see drainable_shards),
+-- oldest change first; rows locked by another statement are skipped, not
+-- waited for. The rows are locked in session_id order (the LOCK ORDER above).
+WITH candidates AS (
+    SELECT p.session_id FROM continuous_pending p
+    WHERE p.shard = %(shard)s
+      AND (p.retry_after IS NULL OR p.retry_after <= now())
+      AND (p.claimed_by IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.classid = %(class)s::oid
+          AND l.objid = (hashtext(p.claimed_by)::bigint & 4294967295)::oid
+      ))
+    ORDER BY p.changed_at
+    LIMIT %(limit)s
+), locked AS (
+    SELECT p.session_id FROM continuous_pending p
+    WHERE p.session_id IN (SELECT session_id FROM candidates)
+    ORDER BY p.session_id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE continuous_pending p
+SET claimed_by = %(token)s, claimed_at = now(), changed_again = NULL
+FROM locked
+WHERE p.session_id = locked.session_id
+RETURNING p.session_id::text AS session_id;
+
+-- name: lock_claimed
+-- Before a multi-row UPDATE or DELETE of a drain's rows: lock them in
+-- session_id order (the LOCK ORDER above).
+SELECT session_id FROM continuous_pending
+WHERE claimed_by = %(token)s AND session_id = ANY(%(ids)s::uuid[])
+ORDER BY session_id
+FOR UPDATE;
+
+-- name: release_done
+-- Backed up, and nothing changed since the claim: done (after lock_claimed).
+DELETE FROM continuous_pending
+WHERE claimed_by = %(token)s AND session_id = ANY(%(ids)s::uuid[]) AND changed_again IS NULL;
+
+-- name: release_changed_again
+-- Backed up, but changed again meanwhile: pending from that change, after a
+-- short pause (%(pause)s seconds): a session written without a break is backed
+-- up every so often, not without a break. After release_done, same transaction.
+UPDATE continuous_pending
+SET claimed_by = NULL, claimed_at = NULL, changed_at = changed_again, changed_again = NULL,
+    failures = 0, retry_after = now() + make_interval(secs => %(pause)s)
+WHERE claimed_by = %(token)s AND session_id = ANY(%(ids)s::uuid[]);
+
+-- name: release_failed
+-- Not backed up: the rows stay pending (their oldest change unchanged), and
+-- wait %(backoff)s seconds more for each failure in a row, at most 60.
+-- %(backoff)s = 0 (a drain that met a transient error): at once, by anyone.
+UPDATE continuous_pending
+SET claimed_by = NULL, claimed_at = NULL,
+    changed_again = NULL,
+    failures = failures + %(failed)s,
+    retry_after = now() + make_interval(secs => least(60, %(backoff)s * power(2, failures)))
+WHERE claimed_by = %(token)s AND session_id = ANY(%(ids)s::uuid[]);
+
+-- name: add_activity
+INSERT INTO continuous_activity AS a (minute, shard, backups, sessions, messages, kept_records, failures)
+VALUES (date_trunc('minute', now()), %(shard)s, %(backups)s, %(sessions)s, %(messages)s,
+        %(kept)s, %(failures)s)
+ON CONFLICT (minute, shard) DO UPDATE SET
+    backups = a.backups + EXCLUDED.backups,
+    sessions = a.sessions + EXCLUDED.sessions,
+    messages = a.messages + EXCLUDED.messages,
+    kept_records = a.kept_records + EXCLUDED.kept_records,
+    failures = a.failures + EXCLUDED.failures;
+
+-- name: watcher_heartbeat
+INSERT INTO continuous_watcher AS w (id, node, started_at, heartbeat_at, notifications)
+VALUES (true, %(node)s, %(started_at)s, now(), %(notifications)s)
+ON CONFLICT (id) DO UPDATE SET
+    node = EXCLUDED.node, started_at = EXCLUDED.started_at,
+    heartbeat_at = now(), notifications = EXCLUDED.notifications;
+
+-- name: watcher_swept
+UPDATE continuous_watcher
+SET last_sweep_at = now(), last_sweep_sessions = %(sessions)s,
+    last_sweep_seconds = %(seconds)s, heartbeat_at = now()
+WHERE node = %(node)s;
+
+
+-- name: relaxed_commit
+-- For continuous_pending / continuous_activity / continuous_watcher only: their
+-- rows may be lost in a crash of PostgreSQL without losing a change (a lost
+-- mark is found again by the sweep, since the watermark still differs; a lost
+-- release means one backup more), so their commits need not wait for the disk.
+SET LOCAL synchronous_commit = off;
