@@ -57,6 +57,10 @@ def _stored(conn: psycopg.Connection[Any], sid: str) -> int:
     return int(row[0])
 
 
+def _stored_once(conn: psycopg.Connection[Any], sid: str) -> bool:
+    return _stored(conn, sid) == 1
+
+
 def _has_message(conn: psycopg.Connection[Any], message_id: str) -> bool:
     found = conn.execute("SELECT 1 FROM client_messages WHERE id = %s", (message_id,))
     return found.fetchone() is not None
@@ -77,12 +81,14 @@ def _backups(conn: psycopg.Connection[Any]) -> int:
     return int(row[0])
 
 
-def _new_session(client: redis.Redis, keys: RedisKeys) -> str:
+def _new_session(client: redis.Redis | redis.cluster.RedisCluster, keys: RedisKeys) -> str:
     fields = session_fields()
-    return write_session(client, keys, fields, [message(fields["id"], 0)])
+    return write_session(client, keys, fields, [message(fields["id"], 0)])  # type: ignore[arg-type]
 
 
-def _zadd(client: redis.Redis, keys: RedisKeys, sid: str, index: int) -> str:
+def _zadd(
+    client: redis.Redis | redis.cluster.RedisCluster, keys: RedisKeys, sid: str, index: int
+) -> str:
     """Write one message as the application does (ZADD + HSET updated_at); its ID."""
     data = message(sid, index)
     member = json.dumps(data, separators=(",", ":")).encode()
@@ -309,3 +315,37 @@ print(json.dumps([backup_session.AsyncResult(i).get(timeout=60) for i in {distin
     # execution time, plus the one queued and the one running.
     assert len(distinct) <= 2 + seconds / min(durations[1:]), (len(distinct), seconds, durations)
     assert len(distinct) <= 100
+
+
+def test_continuous_backups_follow_a_redis_cluster(
+    celery_env: dict[str, str],
+    tmp_path: Path,
+    workers: Callable[..., CeleryProcess],
+    pg_conn: psycopg.Connection[Any],
+) -> None:
+    # A cluster publishes keyspace notifications per node: the watcher subscribes
+    # to every primary (worker/watch_cluster.py) and sweeps when they change.
+    from tests.cluster import redis_cluster
+
+    with redis_cluster(tmp_path / "cluster", primaries=3, replicas=0) as cluster:
+        env = {**_default_env(celery_env, cluster.url), "REDIS_CLUSTER": "1"}
+        client = redis.cluster.RedisCluster.from_url(cluster.url)
+        try:
+            keys = RedisKeys(env["REDIS_KEY_PREFIX"])
+            sessions = [_new_session(client, keys) for _ in range(12)]  # on every primary
+            worker = workers(env)
+            watcher = wait_for(lambda: _watcher_active(pg_conn), 60, message="an active watcher")
+            assert watcher["notifications"] == "on"
+            for sid in sessions:
+                wait_for(partial(_stored_once, pg_conn, sid), 30, message="first message")
+            lags = []
+            for index, sid in enumerate(sessions, start=1):
+                written = time.monotonic()
+                message_id = _zadd(client, keys, sid, index)
+                wait_for(partial(_has_message, pg_conn, message_id), 30, 0.02, "message stored")
+                lags.append(time.monotonic() - written)
+            assert max(lags) <= DEFAULTS.continuous_max_lag_s, lags
+            # Found by the notifications of each primary, not by the 30 s sweep.
+            assert "relying on the sweep" not in worker.log()
+        finally:
+            client.close()
