@@ -21,7 +21,12 @@ ORDER BY key;
 -- keeps) can be planned as a sequential scan of client_sessions while that
 -- table is still small (a first backup), and stay one as it grows: every
 -- message then scans every session (measured: 1M messages, 3x slower).
+-- And no JIT: a plan with a disabled node costs 1e10, far above jit_above_cost,
+-- so every merge query was JIT-compiled with inlining and optimisation, 0.5 to
+-- 2 s each whatever its size: a 10,000-message session took 10 s to merge
+-- (bench/pg_scale.py, docs/scaling.md). Every query of a backup reads by key.
 SET LOCAL enable_seqscan = off;
+SET LOCAL jit = off;
 
 -- name: watermarks
 -- Rows by name: every query read into a dataclass (see pg_store.Rows) names its
