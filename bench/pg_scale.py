@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -332,6 +333,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     r = connect_redis(args.redis_url)
     out: dict[str, Any] = {"code": code_version(), "args": vars(args), "stages": []}
     try:
+        if args.measure:
+            measure_only(args, args.measure, keys, r, out)
+            return out
         with bench_database(args.admin_url, args.keep) as db_url:
             env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": args.redis_url,
                    "REDIS_KEY_PREFIX": keys.prefix}  # fmt: skip
@@ -355,6 +359,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             delete_prefix(r, keys.prefix)
         r.close()
     return out
+
+
+def measure_only(args: argparse.Namespace, db_url: str, keys: RedisKeys, r: redis.Redis,
+                 out: dict[str, Any]) -> None:  # fmt: skip
+    """One stage on a database left by --keep, as it is (other code, same data)."""
+    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": args.redis_url,
+           "REDIS_KEY_PREFIX": keys.prefix}  # fmt: skip
+    settings = Settings.from_env(env)
+    with connect_postgres(settings) as conn, open_services(settings) as services:
+        conn.autocommit = True
+        out["stages"].append(stage(f"{db_url.rsplit('/', 1)[-1]} as it is", conn, services, r,
+                                   keys, args))  # fmt: skip
 
 
 def report(out: dict[str, Any]) -> str:
@@ -414,6 +430,7 @@ def main() -> int:
     add("--json", action="store_true")
     add("--keep", action="store_true")
     add("--explain", action="store_true", help="EXPLAIN ANALYZE the big session's reads")
+    add("--measure", metavar="DATABASE_URL", help="measure a database left by --keep, as it is")
     args = parser.parse_args()
     try:
         args.stages = [float(x) for x in args.stages.split(",")]
@@ -421,6 +438,8 @@ def main() -> int:
         parser.error("--stages: comma-separated numbers of millions, e.g. 0,5,20")
     if min(args.new_sessions, args.messages, args.append, args.repeat) < 1:
         parser.error("--new-sessions, --messages, --append and --repeat must be at least 1")
+    # SIGTERM unwinds like Ctrl-C, so that the database and the keys are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         out = bench(args)
     except KeyboardInterrupt:
