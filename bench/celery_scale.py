@@ -126,6 +126,47 @@ def phase(task: str, env: dict[str, str], conn: psycopg.Connection[Any], broker:
     return figures
 
 
+COORDINATOR = """
+import json, time
+from worker.tasks import full_backup
+started = time.perf_counter()
+answer = full_backup.apply().get()
+answer["dispatch_s"] = time.perf_counter() - started
+print(json.dumps(answer))
+"""
+
+
+def dispatch_only(args: argparse.Namespace, env: dict[str, str], data: redis.Redis,
+                  broker: redis.Redis, keys: RedisKeys) -> dict[str, Any]:  # fmt: skip
+    """The coordinator alone, in a process of its own, over N IDs in the sessions set.
+
+    No worker runs: `full_backup.apply()` lists the sessions, records the run and its
+    batches and sends the chord, whose batch tasks then wait in the broker; what the
+    broker holds is the header's cost in memory.
+    """
+    import subprocess
+
+    pipe = data.pipeline(transaction=False)
+    for n in range(args.sessions):
+        pipe.sadd(keys.sessions, str(uuid.UUID(int=(n * 0x9E3779B97F4A7C15) % 2**128, version=4)))
+        if len(pipe) >= 10_000:
+            pipe.execute()
+    pipe.execute()
+    baseline = int(broker.info("memory")["used_memory"])
+    done = subprocess.run([sys.executable, "-c", COORDINATOR], env=env, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if done.returncode:
+        raise BenchError(f"coordinator: {done.stderr[-2000:]}")
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    if answer.get("status") != "running":
+        raise BenchError(f"full_backup did not start: {answer}")
+    queued = int(broker.info("memory")["used_memory"]) - baseline
+    figures = {"dispatch s": round(answer["dispatch_s"], 2), "header tasks": answer["batches"],
+               "broker+results peak MB": round(queued / 2**20, 1)}  # fmt: skip
+    log(f"coordinator alone: {figures}")
+    return figures
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     keys = RedisKeys(f"scale-{tag}:")
@@ -158,6 +199,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     "batch_sessions": settings.batch_sessions,
                     "shards": settings.backup_shards}  # fmt: skip
             migrate.up(settings)
+            if args.dispatch_only:
+                out["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
+                out["coordinator"] = dispatch_only(args, env, data, broker, keys)
+                out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+                return out
             started = time.monotonic()
             fill(data, keys, args.sessions, args.messages)
             log(f"filled {args.sessions:,} sessions in {time.monotonic() - started:.0f} s; "
@@ -196,9 +242,11 @@ def report(out: dict[str, Any]) -> str:
              f"{out['batch_sessions']}, {out['shards']} shards, code {out['code']}, load "
              f"{out['load_average_before']} -> {out['load_average_after']}", ""]  # fmt: skip
     lines.append("phase".ljust(13) + "".join(c.rjust(24) for c in cols))
-    phases = [n for n in ("full_backup", "unchanged", "full_restore", "full_verify") if n in out]
+    names = ("coordinator", "full_backup", "unchanged", "full_restore", "full_verify")
+    phases = [n for n in names if n in out]
     for name in phases:
-        lines.append(name.ljust(13) + "".join(str(out[name][c]).rjust(24) for c in cols))
+        cells = (str(out[name].get(c, "")).rjust(24) for c in cols)
+        lines.append(name.ljust(13) + "".join(cells))
     lines.append("")
     for check, limit in TARGETS.items():
         worst = max(out[n][check] for n in phases)
@@ -218,6 +266,11 @@ def main() -> int:
         "--phases",
         default="backup,restore,verify",
         help="which full runs after full_backup: restore, verify (comma-separated)",
+    )
+    parser.add_argument(
+        "--dispatch-only",
+        action="store_true",
+        help="only the coordinator, no worker: N IDs in the sessions set",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
