@@ -169,11 +169,16 @@ def settle(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CHECKPOINT")
 
 
+def one(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...]) -> Any:
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise BenchError(f"no row: {query}")
+    return row
+
+
 def grow_messages(conn: psycopg.Connection[Any], target: int) -> int:
     """client_messages to ``target`` rows of other sessions plus the big session's 10,000."""
-    others = conn.execute(
-        "SELECT count(*) FROM client_messages WHERE session_id <> %s", (BIG,)
-    ).fetchone()[0]
+    others = one(conn, "SELECT count(*) FROM client_messages WHERE session_id <> %s", (BIG,))[0]
     add = max(target - others, 0)
     rows = add + BIG_MESSAGES
     every = rows // BIG_MESSAGES
@@ -213,11 +218,12 @@ def table_sizes(conn: psycopg.Connection[Any]) -> dict[str, dict[str, float]]:
     out = {}
     for table in ("client_messages", "client_sessions", "backup_watermarks",
                   "persistence_snapshots", "persistence_session_results"):  # fmt: skip
-        rows, total = conn.execute(
+        rows, total = one(
+            conn,
             "SELECT reltuples::bigint, pg_total_relation_size(oid) FROM pg_class "
             "WHERE oid = %s::regclass",
             (table,),
-        ).fetchone()
+        )
         out[table] = {"rows": max(int(rows), 0), "total_mb": round(total / 2**20)}
     return out
 
