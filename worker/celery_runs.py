@@ -150,7 +150,9 @@ def full_run(task: Task, options: RunOptions, run_id: str | None, trigger: str) 
                 details = run_details(task, trigger=trigger)
                 started = runs.start(services, options, run_id=run_id, details=details)
                 ids = started.session_ids
-                batches = runs.cut_batches(ids, settings.backup_shards, settings.batch_sessions)
+                batches = runs.cut_batches(
+                    ids, settings.backup_shards, settings.batch_sessions, settings.run_max_batches
+                )
                 if started.created:
                     runs.hand_out(services, run_id, batches)
         except RunInProgress as busy:

@@ -224,22 +224,49 @@ def start(
     return StartedRun(run, created, ids)
 
 
-def cut_batches(session_ids: Sequence[str], shards: int, batch_size: int) -> list[Batch]:
-    """Sessions grouped by shard, then cut into batches of at most ``batch_size``.
+def cut_batches(
+    session_ids: Sequence[str], shards: int, batch_size: int, max_batches: int | None = None
+) -> list[Batch]:
+    """Sessions grouped by shard, then cut into batches of ``batch_size`` or more.
 
-    One batch is one transaction and, on the workers, one task on the shard's
-    queue. A chord of one task per session would be 100,000 tasks for 100,000
-    sessions (Celery issues #3808, #4983: slow and memory-hungry chords);
-    batches keep it to sessions / batch_size.
+    One batch is one task on the shard's queue. A chord of one task per session
+    would be 100,000 tasks for 100,000 sessions (Celery issues #3808, #4983:
+    slow and memory-hungry chords); batches keep it to sessions / batch_size,
+    and ``max_batches`` caps that: a run too big for it gets bigger batches
+    (the smallest size that fits), which their tasks work through one
+    transaction of ``batch_size`` sessions at a time (:func:`run_handed_out_batch`).
+    With more non-empty shards than ``max_batches``, each shard is one batch.
     """
     by_shard: dict[int, list[str]] = {}
     for sid in session_ids:
         by_shard.setdefault(shard_of(sid, shards), []).append(sid)
+    size = batch_size
+    if max_batches is not None:
+        size = batch_size_within([len(ids) for ids in by_shard.values()], batch_size, max_batches)
     return [
-        Batch(shard, ids[first : first + batch_size])
+        Batch(shard, ids[first : first + size])
         for shard, ids in sorted(by_shard.items())
-        for first in range(0, len(ids), batch_size)
+        for first in range(0, len(ids), size)
     ]
+
+
+def batch_size_within(per_shard: Sequence[int], batch_size: int, max_batches: int) -> int:
+    """The smallest size >= ``batch_size`` that cuts shards of these sizes into at most
+    ``max_batches`` batches (or one batch per shard, when even that is more)."""
+
+    def count(size: int) -> int:
+        return sum(-(-n // size) for n in per_shard)
+
+    low, high = batch_size, max([batch_size, *per_shard])
+    if count(low) <= max_batches:
+        return low
+    while low < high:  # count() only falls as the size grows
+        mid = (low + high) // 2
+        if count(mid) <= max_batches:
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 def run_batch(
@@ -369,6 +396,12 @@ def run_handed_out_batch(
         if not mine:
             return None
         todo = services.pg.begin_batch(run_id, batch_no)
-        if not todo:
-            return []
-        return run_batch(services, options, run_id, todo, explicit=explicit)
+        # A batch bigger than a transaction (a run cut to at most RUN_MAX_BATCHES)
+        # is worked through BACKUP_BATCH_SESSIONS sessions at a time; each part's
+        # results are recorded as it ends, so a retried task resumes after them.
+        step = services.settings.batch_sessions
+        results: list[SessionResult] = []
+        for first in range(0, len(todo), step):
+            part = todo[first : first + step]
+            results += run_batch(services, options, run_id, part, explicit=explicit)
+        return results

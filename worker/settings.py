@@ -70,8 +70,14 @@ class Settings:
     celery_sentinel_master: str = ""
 
     # -- the engine ---------------------------------------------------------
-    # Sessions handled in one PostgreSQL transaction (and one Celery task).
+    # Sessions handled in one PostgreSQL transaction (and, up to run_max_batches
+    # batches per run, one Celery task).
     batch_sessions: int = 200
+    # The most batch tasks a full run on the workers is cut into (the chord's
+    # header): beyond run_max_batches x batch_sessions sessions, a batch task
+    # takes more sessions and works through them one transaction of
+    # batch_sessions at a time.
+    run_max_batches: int = 256
     # Messages moved per Redis round trip; bounds memory for huge sessions.
     chunk_messages: int = 5000
 
@@ -179,6 +185,7 @@ class Settings:
                 ("redis", "rediss", "sentinel", "rpc", "cache+memory"),
             ),
             batch_sessions=_int(env, "BACKUP_BATCH_SESSIONS", d.batch_sessions, 1, 10_000),
+            run_max_batches=_int(env, "RUN_MAX_BATCHES", d.run_max_batches, 1, 100_000),
             chunk_messages=_int(env, "BACKUP_CHUNK_MESSAGES", d.chunk_messages, 10, 1_000_000),
             pool_size=_int(env, "DATABASE_POOL_SIZE", d.pool_size, 1, 100),
             local_connections=_int(env, "LOCAL_CONNECTIONS", d.local_connections, 1, 32),

@@ -106,3 +106,31 @@ def test_every_kind_goes_through_the_same_steps(services, redis_client, keys):
             RunStatus.COMPLETED,
             3,
         )
+
+
+def test_a_batch_bigger_than_a_transaction_is_worked_through_in_parts(
+    env, redis_client, keys, pg_conn
+):
+    from worker.services import open_services
+    from worker.settings import Settings
+
+    sids = _sessions(redis_client, keys, 5)
+    small = Settings.from_env({**env, "BACKUP_BATCH_SESSIONS": "2", "RUN_MAX_BATCHES": "1"})
+    with open_services(small, worker_name="test-worker") as services:
+        started = runs.start(services, BackupOptions())
+        batches = runs.cut_batches(started.session_ids, 1, 2, small.run_max_batches)
+        assert [b.session_ids for b in batches] == [sids]
+        runs.hand_out(services, started.run.id, batches)
+        # A first try that ended after one part: its results are recorded.
+        runs.run_batch(services, BackupOptions(), started.run.id, sids[:2])
+        results = runs.run_handed_out_batch(services, BackupOptions(), started.run.id, 0)
+        run = runs.finish(services, started.run.id)
+    assert results is not None
+    assert [r.session_id for r in results] == sids[2:]  # resumed after the recorded part
+    assert (run.status, run.session_count, run.message_count) == (RunStatus.COMPLETED, 5, 15)
+    # One transaction per part of BACKUP_BATCH_SESSIONS: [2] first, then [2, 1].
+    parts = rows(
+        pg_conn,
+        "SELECT xmin::text AS xid, count(*) AS n FROM client_sessions GROUP BY 1 ORDER BY 1",
+    )
+    assert sorted(r["n"] for r in parts) == [1, 2, 2]

@@ -70,3 +70,43 @@ def test_one_shard_keeps_the_given_order():
 
 def test_no_sessions_no_batches():
     assert runs.cut_batches([], 8, 200) == []
+
+
+def _ids(n):
+    return sorted(str(uuid.UUID(int=k * 104_729 + 3)) for k in range(n))
+
+
+def test_a_run_under_the_cap_keeps_the_batch_size():
+    ids = _ids(1000)
+    assert runs.cut_batches(ids, 4, 10, 1000) == runs.cut_batches(ids, 4, 10)
+
+
+@pytest.mark.parametrize(("sessions", "shards", "size", "cap"), [
+    (10_000, 8, 20, 64), (10_000, 8, 200, 8), (5_001, 3, 7, 100), (999, 1, 1, 10),
+])  # fmt: skip
+def test_a_big_run_gets_bigger_batches_and_at_most_the_cap(sessions, shards, size, cap):
+    ids = _ids(sessions)
+    batches = runs.cut_batches(ids, shards, size, cap)
+    assert len(batches) <= cap
+    assert sorted(sid for b in batches for sid in b.session_ids) == ids
+    for batch in batches:
+        assert {shard_of(sid, shards) for sid in batch.session_ids} == {batch.shard}
+    grown = max(len(b.session_ids) for b in batches)
+    assert grown > size
+    # The smallest size that fits: one session less per batch would need more batches.
+    smaller = runs.cut_batches(ids, shards, grown - 1)
+    assert len(smaller) > cap
+
+
+def test_more_shards_than_the_cap_makes_one_batch_per_shard():
+    ids = _ids(500)
+    batches = runs.cut_batches(ids, 16, 5, 4)
+    assert len(batches) == len({shard_of(sid, 16) for sid in ids})
+    assert sorted(sid for b in batches for sid in b.session_ids) == ids
+
+
+def test_a_million_sessions_cut_to_256_batches():
+    per_shard = [125_000] * 8
+    size = runs.batch_size_within(per_shard, 200, 256)
+    assert size == 3907  # 8 x ceil(125,000 / 3907) = 8 x 32 = 256; 3906 would make 8 x 33
+    assert sum(-(-n // size) for n in per_shard) == 256

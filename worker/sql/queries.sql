@@ -21,7 +21,15 @@ ORDER BY key;
 -- keeps) can be planned as a sequential scan of client_sessions while that
 -- table is still small (a first backup), and stay one as it grows: every
 -- message then scans every session (measured: 1M messages, 3x slower).
+-- And no JIT: a plan with a disabled node costs 1e10, far above jit_above_cost,
+-- so every merge query was JIT-compiled with inlining and optimisation, 0.5 to
+-- 2 s each whatever its size: a 10,000-message session took 10 s to merge
+-- (bench/pg_scale.py, docs/scaling.md). The plans themselves are kept right
+-- (the staging table's index, lookups one ID at a time; test_merge_plans.py
+-- checks each is costed below the JIT threshold); this is the guard for a
+-- statement added later. Every query of a backup reads by key.
 SET LOCAL enable_seqscan = off;
+SET LOCAL jit = off;
 
 -- name: watermarks
 -- Rows by name: every query read into a dataclass (see pg_store.Rows) names its
@@ -95,12 +103,21 @@ WITH fresh AS (
     ON CONFLICT DO NOTHING
     RETURNING id
 )
+-- The owner of each ID is looked up one ID at a time (LATERAL ... LIMIT 1, which
+-- the planner cannot turn back into a join): as a plain join, the planner knows
+-- nothing of the temporary table and chose a merge join over the whole primary
+-- key of client_messages, 22 s a chunk at 1 million rows, minutes at 20 million
+-- (bench/pg_scale.py, docs/scaling.md).
 SELECT s.id::text AS message_id,
        CASE WHEN f.id IS NULL THEN 'duplicate' ELSE m.session_id::text END AS reason
 FROM merge_staging s
 LEFT JOIN fresh f ON f.id = s.id
-LEFT JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id
-WHERE f.id IS NULL OR m.id IS NOT NULL;
+LEFT JOIN LATERAL (
+    SELECT c.session_id FROM client_messages c
+    WHERE c.id = s.id AND c.session_id <> s.session_id
+    LIMIT 1
+) m ON true
+WHERE f.id IS NULL OR m.session_id IS NOT NULL;
 
 -- name: drop_merge_rejects
 DELETE FROM merge_staging WHERE id = ANY(%(ids)s::uuid[]);
@@ -131,9 +148,14 @@ WHERE client_messages.session_id = EXCLUDED.session_id
 -- Rows merge_messages skipped: their ID was committed for another session by a
 -- concurrent backup after merge_rejects looked (the INSERT waited for it, then
 -- its ON CONFLICT ... WHERE left the other session's row alone).
+-- One ID at a time, as in merge_rejects.
 SELECT s.id::text AS message_id, m.session_id::text AS reason
 FROM merge_staging s
-JOIN client_messages m ON m.id = s.id AND m.session_id <> s.session_id;
+CROSS JOIN LATERAL (
+    SELECT c.session_id FROM client_messages c
+    WHERE c.id = s.id AND c.session_id <> s.session_id
+    LIMIT 1
+) m;
 
 -- name: clear_merge_staging
 TRUNCATE merge_staging;
