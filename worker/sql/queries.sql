@@ -155,7 +155,8 @@ CROSS JOIN LATERAL (
     SELECT c.session_id FROM client_messages c
     WHERE c.id = s.id AND c.session_id <> s.session_id
     LIMIT 1
-) m;
+) m
+ORDER BY s.id;  -- through the staging table's index: see create_merge_tables
 
 -- name: clear_merge_staging
 TRUNCATE merge_staging;
