@@ -277,7 +277,8 @@ def _send_again(resend: supervise.Resend) -> None:
     # A one-session run: its task again, under the run's ID (which is the
     # original task's), so whoever waits on that task's result gets this one.
     [sid] = batch.session_ids
-    kwargs = {"session_id": sid, "run_id": run.id, **options}
+    arguments = runs.options_from_details(run).task_arguments()
+    kwargs = {"session_id": sid, "run_id": run.id, **arguments}
     app.send_task(session_task_name(kind), kwargs=kwargs, task_id=run.id)
 
 

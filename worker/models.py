@@ -45,8 +45,16 @@ class RunOptions:
         """The past moment whose state the run restores or compares (None: the latest)."""
         return None
 
+    # Options of the process that makes the engine, never a task's argument
+    # (the published tasks take the others by name: docs/contract.md §3).
+    not_task_arguments: ClassVar[tuple[str, ...]] = ()
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def task_arguments(self) -> dict[str, Any]:
+        """The options as keyword arguments of the kind's published tasks."""
+        return {k: v for k, v in self.as_dict().items() if k not in self.not_task_arguments}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -70,6 +78,7 @@ class RestoreOptions(RunOptions):
     # Before replacing a session (force), capture its state into history, so
     # the restore can be undone. Off for drills: their target is not live data.
     keep_replaced: bool = True
+    not_task_arguments: ClassVar[tuple[str, ...]] = ("keep_replaced",)
 
     @property
     def moment(self) -> datetime | None:

@@ -232,10 +232,18 @@ def full_restore(
 
 @app.task(name=full_task_name("verify"), bind=True, trail=False, **RETRY_POLICY)
 def full_verify(
-    self: Task, quick: bool = False, run_id: str | None = None, trigger: str = "task"
+    self: Task,
+    quick: bool = False,
+    run_id: str | None = None,
+    trigger: str = "task",
+    as_of: str | None = None,
 ) -> dict[str, Any]:
-    """Verify every session in Redis or PostgreSQL: batches per shard, then a chord."""
-    return celery_runs.full_run(self, VerifyOptions(quick=quick), run_id, trigger)
+    """Verify every session in Redis or PostgreSQL: batches per shard, then a chord.
+
+    ``as_of``: against the state history holds for that moment (a drill's copy).
+    """
+    options = VerifyOptions(quick=quick, as_of=as_of)
+    return celery_runs.full_run(self, options, run_id, trigger)
 
 
 def _batch_task(kind: RunKind) -> Task:

@@ -61,10 +61,10 @@ def run_on_workers(
     run_id = str(uuid.uuid4())
     with _broker_errors(config):
         if session_id is not None:
-            kwargs = {"session_id": session_id, "run_id": run_id, **options.as_dict()}
+            kwargs = {"session_id": session_id, "run_id": run_id, **options.task_arguments()}
             task = app.send_task(session_task_name(kind), kwargs=kwargs, task_id=run_id)
         else:
-            kwargs = {"run_id": run_id, "trigger": "cli", **options.as_dict()}
+            kwargs = {"run_id": run_id, "trigger": "cli", **options.task_arguments()}
             task = app.send_task(
                 full_task_name(kind), kwargs=kwargs, task_id=run_id, queue=default_queue(config)
             )
