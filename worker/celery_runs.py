@@ -254,9 +254,15 @@ def supervise_runs(pg: PostgresStore, worker: str) -> supervise.Review:
     """
     review = supervise.review_runs(pg, worker=worker)
     sent = []
+    # Each queue's depth as the review found it, asked once: after the first
+    # batch sent again, its queue is no longer empty, yet every other batch
+    # lost with it (a broker restarted without its queues) is lost all the same.
+    depths: dict[str, int | None] = {}
     for resend in review.resend:
         queue = shard_queue(pg.settings, resend.batch.shard)
-        if resend.only_if_queue_empty and queue_depth(queue) != 0:
+        if queue not in depths:
+            depths[queue] = queue_depth(queue)
+        if resend.only_if_queue_empty and depths[queue] != 0:
             continue  # it may be waiting there still
         _send_again(resend)
         pg.batch_redispatched(resend.run.id, resend.batch.batch_no)
