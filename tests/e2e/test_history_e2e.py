@@ -62,7 +62,9 @@ def test_the_faulty_client_scenario_through_the_workers(
     late = message(sid_c, 1, created_at=datetime(2026, 2, 12, 10, 0, 0, 500000, tzinfo=UTC))
     add_messages(redis_client, keys, sid_c, [late])
     t2 = task(celery_env, f"tasks.backup_session.delay({sid_c!r}).get(timeout=60)")
-    assert t2["status"] == "completed"
+    # Captured by this backup, or a moment before by a continuous one (on by
+    # default: it follows the writes of the faulty client too).
+    assert t2["status"] in ("completed", "unchanged"), t2
 
     # restore --all --as-of T0 (a run ID) into a target prefix: exactly T0.
     done = cli(celery_env, "restore", "--all", "--as-of", t0_run, "--target-prefix", f"{drills}0:")
