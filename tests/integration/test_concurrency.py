@@ -184,9 +184,29 @@ def test_concurrent_backup_and_forced_restore_stay_consistent(
     restored = redis_client.zcard(keys.messages(sid))
     assert restored in (2000, 2600)
     assert restore_result.message_count == restored
-    assert message_count(pg_conn, sid) == 2000 + backup_result.message_count
     assert backup_result.message_count in (0, 600)
     assert (restored == 2000) == (backup_result.message_count == 0)
+    # Nothing is lost either way: the backup stored the 600 new messages first, or the
+    # restore replaced them and backed up the state it replaced (its undo) before
+    # the backup looked, which then found nothing new.
+    assert message_count(pg_conn, sid) == 2600
+
+
+def test_forced_restore_before_the_backup_keeps_what_it_replaced(
+    settings, redis_client, keys, pg_conn
+):
+    """The "restore went first" order of the test above, made certain."""
+    sid = new_id()
+    write_session(redis_client, keys, session_fields(sid), [message(sid, i) for i in range(2000)])
+    with open_services(settings) as services:
+        backup_run(services)
+        add_messages(redis_client, keys, sid, [message(sid, i) for i in range(2000, 2600)])
+        restored = restore_run(services, session_id=sid, force=True)
+        backup = backup_run(services, session_id=sid)
+
+    assert restored.message_count == redis_client.zcard(keys.messages(sid)) == 2000
+    assert backup.message_count == 0
+    assert message_count(pg_conn, sid) == 2600
 
 
 def test_a_backup_rolled_back_mid_merge_leaves_the_connection_usable(
