@@ -248,6 +248,58 @@ class Load:
                 time.sleep(POLL_S)
 
 
+class Timeline:
+    """Where the lag is, once a second (--timeline): the bench's view, the queue, the watcher.
+
+    A row: seconds since the load started; messages written and not yet seen in
+    PostgreSQL, and the age of the oldest; continuous_pending rows not claimed and the
+    age of the oldest of them (the recovery point `dnd-client status` reports), rows
+    claimed by drains, rows waiting out a pause or back-off; and the output buffer of
+    the watcher's subscription in Redis (notifications it has not read yet).
+    """
+
+    def __init__(self, load: Load, database_url: str, redis_url: str) -> None:
+        self.load, self.database_url, self.redis_url = load, database_url, redis_url
+        self.rows: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+
+    def run(self, started: float) -> None:
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            while not self.stop.wait(1.0):
+                now = time.monotonic()
+                with self.load.lock:
+                    unseen = [self.load.written[m] for m in self.load.unseen]
+                pending = conn.execute(
+                    "SELECT count(*) FILTER (WHERE claimed_by IS NULL),"
+                    " extract(epoch FROM now() - min(changed_at) FILTER"
+                    "  (WHERE claimed_by IS NULL)),"
+                    " count(*) FILTER (WHERE claimed_by IS NOT NULL),"
+                    " count(*) FILTER (WHERE retry_after > now())"
+                    " FROM continuous_pending"
+                ).fetchone()
+                assert pending is not None
+                buffered = sum(int(c.get("omem", 0)) for c in client.client_list(_type="pubsub"))
+                self.rows.append({
+                    "t": round(now - started, 1), "unseen": len(unseen),
+                    "oldest_unseen_s": round(now - min(unseen), 2) if unseen else 0.0,
+                    "pending": pending[0], "pending_age_s": round(float(pending[1] or 0), 2),
+                    "claimed": pending[2], "paused": pending[3], "pubsub_omem": buffered,
+                })  # fmt: skip
+        client.close()
+
+    @staticmethod
+    def report_rows(rows: list[dict[str, Any]]) -> str:
+        lines = ["   t  unseen  oldest_s  pending  age_s  claimed  paused  pubsub_omem"]
+        for r in rows:
+            lines.append(
+                f"{r['t']:>5}  {r['unseen']:>6}  {r['oldest_unseen_s']:>8}  {r['pending']:>7}"
+                f"  {r['pending_age_s']:>5}  {r['claimed']:>7}  {r['paused']:>6}"
+                f"  {r['pubsub_omem']:>11}"
+            )
+        return "\n".join(lines)
+
+
 def wait(predicate: Any, timeout: float, what: str) -> float:
     started = time.monotonic()
     while not predicate():
@@ -359,10 +411,13 @@ def run_load(
         for n in range(args.writers)
     ]
     poller = threading.Thread(target=load.poll, daemon=True)
+    timeline = Timeline(load, database_url, data.url)
     started = time.monotonic()
     for writer in writers:
         writer.start()
     poller.start()
+    if args.timeline:
+        threading.Thread(target=timeline.run, args=(started,), daemon=True).start()
     events: dict[str, Any] = {}
     if args.kill_worker or args.restart_redis:
         time.sleep(args.seconds / 2)
@@ -389,6 +444,7 @@ def run_load(
     except BenchError:
         caught_up = None  # reported: stored < written
     load.stop_polling.set()
+    timeline.stop.set()
     stored = scalar(conn, "SELECT count(*) FROM client_messages")
     pipe = redis.Redis.from_url(data.url).pipeline(transaction=False)
     for sid in sessions:
@@ -422,6 +478,7 @@ def run_load(
         "watcher": {"node": watcher[0], "notifications": watcher[1],
                     "last_sweep_sessions": watcher[2], "last_sweep_seconds": watcher[3]},
         **events,
+        **({"timeline": timeline.rows} if args.timeline else {}),
     }  # fmt: skip
 
 
@@ -450,6 +507,8 @@ def report(fig: dict[str, Any]) -> str:
     for key in ("killed_at_s", "active_watcher_before", "restarted_at_s", "redis_away_s"):
         if key in fig:
             lines.append(f"{key:<17} {fig[key]}")
+    if "timeline" in fig:
+        lines.append(Timeline.report_rows(fig["timeline"]))
     if fig.get("write_retries"):
         lines.append(f"write retries     {fig['write_retries']} (the Redis was away)")
     return "\n".join(lines)
@@ -470,6 +529,10 @@ def main() -> int:
         "--catch-up", type=float, default=180, help="seconds to wait after the load"
     )
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--timeline", action="store_true",
+        help="print, once a second, where the lag is (see Timeline)",
+    )  # fmt: skip
     parser.add_argument(
         "--keep", action="store_true", help="keep the logs (their folder is printed)"
     )
