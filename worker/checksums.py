@@ -66,14 +66,47 @@ def _number(text: str) -> orjson.Fragment:
     return orjson.Fragment(format(value, "f"))
 
 
-def message_digest(row: MessageRow) -> int:
-    """The digest of one message row (as stored: see models.MESSAGE_COLUMNS)."""
+def message_canonical(row: MessageRow) -> bytes:
+    """The canonical form of one message row (as stored: see models.MESSAGE_COLUMNS).
+
+    A JSON array: ``[id, created_at in epoch microseconds, role, content,
+    tool_calls (keys sorted, numbers as jsonb writes them), player_id]``.
+    """
     message_id, _session_id, created_at, role, content, tool_calls, player_id = row
-    canonical = orjson.dumps(
-        (message_id, _micros(created_at), role, content, _json_value(tool_calls), player_id),
+    return orjson.dumps(
+        (
+            message_id,
+            _micros(created_at),
+            role,
+            content,
+            None if tool_calls is None else _json_value(tool_calls),
+            player_id,
+        ),
         option=orjson.OPT_SORT_KEYS,
     )
-    return int.from_bytes(hashlib.blake2b(canonical, digest_size=16).digest(), "big")
+
+
+def canonical_digest(canonical: bytes) -> bytes:
+    """The digest of a message's canonical form, as 16 bytes (big-endian)."""
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
+def message_digest(row: MessageRow) -> int:
+    """The digest of one message row (as stored: see models.MESSAGE_COLUMNS)."""
+    return int.from_bytes(canonical_digest(message_canonical(row)), "big")
+
+
+def canonical_fingerprint(canonical: bytes) -> bytes:
+    """SHA-256 of a message's canonical form, which PostgreSQL can compute too.
+
+    Only for a message without tool_calls: then the canonical form is plain
+    JSON that PostgreSQL builds the same way (``verify_compare`` in
+    sql/queries.sql), so a stored row whose fingerprint equals a Redis
+    member's has the same canonical form, hence the same digest, and need not
+    be read back to be digested again. A form PostgreSQL writes differently
+    only makes the fingerprints differ: the row is then read and digested.
+    """
+    return hashlib.sha256(canonical).digest()
 
 
 def session_digest(session: Session) -> bytes:

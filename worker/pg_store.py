@@ -365,12 +365,21 @@ class PostgresStore(HistoryQueries):
                 self._execute("create_verify_tables", None)
             self._verify_table_ready = True
 
-    def stage_redis_digests(self, rows: Sequence[tuple[str, int, bytes]]) -> None:
-        """Add (message ID, place in Redis, digest) rows for the session being verified."""
+    def stage_redis_digests(self, rows: Sequence[tuple[str, int, bytes, bytes | None]]) -> None:
+        """Add (message ID, place in Redis, digest, fingerprint) rows for the session verified.
+
+        The message IDs are UUIDs (parse_message checked them) and the rest is
+        numbers and hex: one block of COPY text, written at once.
+        """
+        if not rows:
+            return
+        lines = []
+        for message_id, ordinal, digest, fingerprint in rows:
+            # COPY text: "\\x" is bytea's hex form behind COPY's escaping, "\N" NULL.
+            printed = "\\N" if fingerprint is None else "\\\\x" + fingerprint.hex()
+            lines.append(f"{message_id}\t{ordinal}\t\\\\x{digest.hex()}\t{printed}\n")
         with self.conn.cursor() as cur, cur.copy(QUERIES["copy_verify_redis"]) as copy:
-            copy.set_types(["uuid", "int8", "bytea"])
-            for message_id, ordinal, digest in rows:
-                copy.write_row((uuid.UUID(message_id), ordinal, digest))
+            copy.write("".join(lines))
 
     def staged_duplicates(self) -> list[tuple[str, bytes]]:
         """Staged members whose ID an earlier member already had: (ID, digest)."""
@@ -385,10 +394,8 @@ class PostgresStore(HistoryQueries):
 
         ``moment``: beside the messages as history holds them at that moment.
         """
-        query, params = "verify_compare", dict[str, Any](id=session_id)
-        if moment is not None:
-            query, params = "verify_compare_as_of", {"id": session_id, "at": moment}
-        with self.conn.cursor() as cur, cur.copy(QUERIES[query], params) as copy:
+        params = {"id": session_id, "at": moment}
+        with self.conn.cursor() as cur, cur.copy(QUERIES["verify_compare"], params) as copy:
             copy.set_types(
                 ["text", "bytea", "text", "text", "timestamptz", "text", "text", "text", "text"]
             )

@@ -28,7 +28,15 @@ from typing import Any
 
 import orjson
 
-from worker.checksums import MessageChecksum, message_digest, session_digest
+from worker.checksums import (
+    MODULUS,
+    MessageChecksum,
+    canonical_digest,
+    canonical_fingerprint,
+    message_canonical,
+    message_digest,
+    session_digest,
+)
 from worker.engine import Coverage, Engine
 from worker.models import Session, SessionResult, SessionStatus, VerifyOptions
 from worker.records import (
@@ -40,6 +48,9 @@ from worker.records import (
 from worker.redis_store import Probe
 
 EXAMPLES = 5  # message IDs listed per kind of difference
+# Up to this many messages, verify remembers a session's message IDs, to tell
+# without asking PostgreSQL that no ID is in Redis twice (memory: a few MB).
+REMEMBERED_IDS = 100_000
 COMPARED_FIELDS = (
     "name",
     "creator_id",
@@ -203,20 +214,32 @@ class VerifyEngine(Engine[VerifyOptions]):
             diff.checked_by = "checksum"
             diff.messages_in_backup = recorded[0].count
             return diff
-        backup_sum = self._compare_backup_messages(sid, diff)
+        backup_sum = self._compare_backup_messages(
+            sid, diff, MessageChecksum() if redis_sum is None else redis_sum
+        )
         if recorded is not None and recorded[0] != backup_sum:
             diff.backup_damaged = True
         return diff
 
-    def _compare_backup_messages(self, sid: str, diff: SessionDiff) -> MessageChecksum:
+    def _compare_backup_messages(
+        self, sid: str, diff: SessionDiff, redis_sum: MessageChecksum
+    ) -> MessageChecksum:
         """Count what differs between the backup's messages and Redis's; the backup's sum.
 
         Paired by ID inside PostgreSQL (the Redis side was staged first), so
-        memory stays flat whatever the session's size.
+        memory stays flat whatever the session's size. ``redis_sum``: the sum
+        of the staged digests (one per ID). PostgreSQL leaves out the stored
+        rows whose fingerprint equals their staged one (canonical_fingerprint):
+        their digests are the staged ones, so the backup's sum is the staged
+        sum less the digests of what came back, plus the digests of the rows
+        that came back.
         """
+        same = MessageChecksum(redis_sum.count, redis_sum.total)
         backup_sum = MessageChecksum()
         # As of a moment (a restored copy checked against history), or as stored now.
         for redis_id, redis_digest, row in self.pg.compare_staged(sid, self.options.moment):
+            if redis_digest is not None:
+                same.remove(int.from_bytes(redis_digest, "big"))
             if row is None:
                 diff.missing_from_backup += 1
                 _example(diff, "missing_from_backup", redis_id)
@@ -229,6 +252,7 @@ class VerifyEngine(Engine[VerifyOptions]):
             elif redis_digest != _digest_bytes(digest):
                 diff.different += 1
                 _example(diff, "different", row[0])
+        backup_sum = backup_sum.merge(same)
         diff.messages_in_backup = backup_sum.count
         return backup_sum
 
@@ -237,33 +261,56 @@ class VerifyEngine(Engine[VerifyOptions]):
 
         A page at a time into PostgreSQL (see PostgresStore.stage_redis_digests).
         Members the backup cannot store, and members after the first with the
-        same ID (the backup keeps the first), count as kept aside.
+        same ID (the backup keeps the first), count as kept aside. PostgreSQL is
+        asked for those duplicates unless the IDs, remembered up to
+        REMEMBERED_IDS, show that there are none.
         """
         total = MessageChecksum()
-        ordinal = 0
+        seen: set[str] | None = set()
         for page in self.redis.read_messages(sid, None, self.chunk):
-            staged: list[tuple[str, int, bytes]] = []
-            for raw, _score in page:
-                try:
-                    row, lossy = parse_message(sid, raw)
-                except RecordRejected:
-                    diff.kept_aside += 1
-                    _example(diff, "kept_aside", peek_message_id(raw))
-                    continue
-                if lossy:  # stored without its unknown keys, which were kept aside
-                    diff.kept_aside += 1
-                    _example(diff, "kept_aside", row[0])
-                digest = message_digest(row)
-                total.add(digest)
-                ordinal += 1
-                staged.append((row[0], ordinal, _digest_bytes(digest)))
+            staged, page_total = _digest_page(sid, page, diff, total.count)
             self.pg.stage_redis_digests(staged)
-        for message_id, duplicate in self.pg.staged_duplicates():
-            diff.kept_aside += 1
-            _example(diff, "kept_aside", message_id)
-            total.remove(int.from_bytes(duplicate, "big"))
+            total = total.merge(MessageChecksum(len(staged), page_total))
+            if seen is not None:
+                seen.update(message_id for message_id, *_rest in staged)
+                if len(seen) > REMEMBERED_IDS:
+                    seen = None
+        if seen is None or len(seen) < total.count:
+            for message_id, duplicate in self.pg.staged_duplicates():
+                diff.kept_aside += 1
+                _example(diff, "kept_aside", message_id)
+                total.remove(int.from_bytes(duplicate, "big"))
         diff.messages_in_redis = total.count
         return total
+
+
+def _digest_page(
+    sid: str, page: list[tuple[bytes, float]], diff: SessionDiff, ordinal: int
+) -> tuple[list[tuple[str, int, bytes, bytes | None]], int]:
+    """The staging rows of one page of members (ordinals after ``ordinal``), their digests' sum.
+
+    Members that cannot be stored count as kept aside in ``diff``.
+    """
+    staged: list[tuple[str, int, bytes, bytes | None]] = []
+    page_total = 0
+    for raw, _score in page:
+        try:
+            row, lossy = parse_message(sid, raw)
+        except RecordRejected:
+            diff.kept_aside += 1
+            _example(diff, "kept_aside", peek_message_id(raw))
+            continue
+        if lossy:  # stored without its unknown keys, which were kept aside
+            diff.kept_aside += 1
+            _example(diff, "kept_aside", row[0])
+        canonical = message_canonical(row)
+        digest = canonical_digest(canonical)
+        page_total += int.from_bytes(digest, "big")
+        ordinal += 1
+        # tool_calls: PostgreSQL cannot write their canonical form (sorted keys).
+        fingerprint = None if row[5] is not None else canonical_fingerprint(canonical)
+        staged.append((row[0], ordinal, digest, fingerprint))
+    return staged, page_total % MODULUS
 
 
 def _digest_bytes(digest: int) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pytest
+
 from tests.factories import (
     BASE_TIME,
     add_messages,
@@ -16,6 +18,7 @@ from tests.factories import (
     write_session,
 )
 from tests.integration.helpers import backup_run, results_by_session, verify_run
+from worker import verify
 from worker.models import RunStatus, SessionStatus
 
 
@@ -337,3 +340,104 @@ def test_a_session_that_cannot_be_read_fails_alone(services, redis_client, keys)
     assert results[good].status is SessionStatus.COMPLETED
     assert results[differs].status is SessionStatus.DIFFERENT
     assert details[differs]["fields_differ"] == ["name"]
+
+
+def _odd_messages(sid: str) -> list[dict]:
+    """Messages without tool_calls whose canonical form PostgreSQL must build as Python does."""
+    odd_texts = [
+        'quotes " and \\ backslashes \\" and a solidus /',
+        "lines\nand\ttabs\r\x08\x0c and controls \x01\x1f\x7f",
+        "caf\u00e9 \U0001f409 \u2028\u2029 <>&'",
+        "",
+        "\\u0000 as text, not a NUL",
+    ]
+    msgs = [message(sid, i, content=text, tool_calls=None) for i, text in enumerate(odd_texts)]
+    msgs += [
+        message(sid, 10, content=None, player_id=None, tool_calls=None),
+        message(sid, 11, player_id='p"1\\\n', tool_calls=None),
+        # Before 1970, and a writer's offset and nanoseconds (truncated to microseconds).
+        message(sid, 12, created_at=BASE_TIME.replace(year=1969), tool_calls=None),
+        message(sid, 13, tool_calls=None, created_at=None)
+        | {"created_at": "2026-02-12T11:00:00.123456789+01:00"},
+    ]
+    return msgs
+
+
+def test_stored_rows_that_match_redis_are_not_read_back(services, redis_client, keys, pg_conn):
+    """PostgreSQL's fingerprint of a row without tool_calls equals Python's (odd text too)."""
+    sid = new_id()
+    odd = _odd_messages(sid)
+    with_tools = message(sid, 20, tool_calls=[{"name": "roll", "arguments": {"n": 1.50}}])
+    write_session(redis_client, keys, session_fields(sid), [*odd, with_tools])
+    backup_run(services)
+
+    run, results, details = _verify(services, session_id=sid)
+
+    assert run.status is RunStatus.COMPLETED
+    _assert_agrees(results[sid], details[sid], len(odd) + 1)
+    # Only the message with tool_calls came back from PostgreSQL to be digested.
+    pg = services.pg
+    pg.prepare_verify()
+    with pg.transaction(read_only=True):
+        pg.clear_staged()
+        staged, _total = verify._digest_page(
+            sid, list(_members(redis_client, keys, sid)), _diff(sid), 0
+        )
+        pg.stage_redis_digests(staged)
+        back = list(pg.compare_staged(sid))
+    assert [(redis_id, row[0]) for redis_id, _digest, row in back] == [
+        (with_tools["id"], with_tools["id"])
+    ]
+
+
+def _members(redis_client, keys, sid: str):
+    return redis_client.zrange(keys.messages(sid), 0, -1, withscores=True)
+
+
+def _diff(sid: str) -> verify.SessionDiff:
+    return verify.SessionDiff(session_id=sid)
+
+
+def test_edits_and_damage_of_messages_without_tool_calls(services, redis_client, keys, pg_conn):
+    sid = new_id()
+    msgs = [message(sid, i, tool_calls=None) for i in range(4)]
+    write_session(redis_client, keys, session_fields(sid), msgs)
+    backup_run(services, session_id=sid)
+    redis_client.zrem(keys.messages(sid), _member(msgs[0]))
+    add_messages(redis_client, keys, sid, [{**msgs[0], "content": "rewritten"}])
+    pg_conn.execute("UPDATE client_messages SET player_id = NULL WHERE id = %s", (msgs[1]["id"],))
+    pg_conn.execute(
+        "UPDATE client_messages SET created_at = created_at + interval '1 microsecond' "
+        "WHERE id = %s",
+        (msgs[2]["id"],),
+    )
+
+    _run, results, details = _verify(services, session_id=sid)
+
+    assert results[sid].status is SessionStatus.DIFFERENT
+    assert details[sid]["different"] == 3
+    assert sorted(details[sid]["examples"]["different"]) == sorted(m["id"] for m in msgs[:3])
+    assert details[sid]["backup_damaged"] is True
+    assert details[sid]["messages_in_redis"] == details[sid]["messages_in_backup"] == 4
+
+
+@pytest.mark.parametrize("remembered", [verify.REMEMBERED_IDS, 1])
+def test_same_id_twice_in_redis_is_kept_aside(
+    services, redis_client, keys, monkeypatch, remembered
+):
+    """Found by the remembered IDs, or by PostgreSQL past REMEMBERED_IDS: the same details."""
+    monkeypatch.setattr(verify, "REMEMBERED_IDS", remembered)
+    sid, msgs = _backed_up(services, redis_client, keys, 3)
+    twin = {**msgs[2], "content": "second, same id"}
+    add_messages(redis_client, keys, sid, [twin])
+
+    run, results, details = _verify(services, session_id=sid)
+
+    _assert_one_difference(
+        run, results[sid], details[sid], "1 message(s) kept aside (cannot be stored)"
+    )
+    assert details[sid]["kept_aside"] == 1
+    assert details[sid]["examples"] == {"kept_aside": [msgs[2]["id"]]}
+    assert details[sid]["messages_in_redis"] == details[sid]["messages_in_backup"] == 3
+    assert details[sid]["different"] == 0
+    assert details[sid]["backup_damaged"] is False

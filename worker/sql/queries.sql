@@ -416,16 +416,20 @@ COPY (
 -- one session's messages as read from Redis, so that they are compared with the
 -- backup's inside PostgreSQL and verify's memory stays flat whatever the
 -- session's size. `ordinal` is the member's place in Redis (score order): of
--- two members with one ID, the backup keeps the first.
+-- two members with one ID, the backup keeps the first. `fingerprint`: SHA-256
+-- of the member's canonical form (worker/checksums.py), NULL with tool_calls.
+-- No index: the queries below read it whole (a sort), and keeping an index up
+-- to date cost more than the table's COPY (measured: 17 ms against 11 ms for
+-- 10,000 rows).
 CREATE TEMPORARY TABLE IF NOT EXISTS verify_redis (
     id uuid NOT NULL,
     ordinal bigint NOT NULL,
-    digest bytea NOT NULL
+    digest bytea NOT NULL,
+    fingerprint bytea
 ) ON COMMIT DELETE ROWS;
-CREATE INDEX IF NOT EXISTS verify_redis_id_idx ON verify_redis (id, ordinal);
 
 -- name: copy_verify_redis
-COPY verify_redis (id, ordinal, digest) FROM STDIN (FORMAT BINARY);
+COPY verify_redis (id, ordinal, digest, fingerprint) FROM STDIN;
 
 -- name: verify_redis_duplicates
 -- Members staged after the first one with the same ID: the backup never stores them.
@@ -440,25 +444,40 @@ ORDER BY message_id;
 
 -- name: verify_compare
 -- Every message of the session on either side, paired by ID: Redis's digest
--- (NULL: not in Redis) beside the stored row (NULLs: not in the backup).
+-- (NULL: not in Redis) beside the stored row (NULLs: not in the backup); less
+-- the pairs whose fingerprints are equal (the same canonical form: the same
+-- digest; see canonical_fingerprint in worker/checksums.py). The fingerprint
+-- of a stored row is built here as Python builds the canonical form of a
+-- message without tool_calls: a JSON array of its ID, created_at in epoch
+-- microseconds, role, content, null and player_id. With `at`, beside the
+-- session's messages as history holds them at that moment instead (COPY's
+-- parameters are bound before planning: the branch not taken is not planned).
 COPY (
     SELECT r.id::text, r.digest,
            m.id::text, m.session_id::text, m.created_at, m.role, m.content,
            m.tool_calls::text, m.player_id
-    FROM (SELECT DISTINCT ON (id) id, digest FROM verify_redis ORDER BY id, ordinal) AS r
-    FULL JOIN (SELECT * FROM client_messages WHERE session_id = %(id)s::uuid) AS m
-        ON m.id = r.id
-) TO STDOUT (FORMAT BINARY);
-
--- name: verify_compare_as_of
--- As verify_compare, beside the session's messages as they were at a moment.
-COPY (
-    SELECT r.id::text, r.digest,
-           m.id::text, m.session_id::text, m.created_at, m.role, m.content,
-           m.tool_calls::text, m.player_id
-    FROM (SELECT DISTINCT ON (id) id, digest FROM verify_redis ORDER BY id, ordinal) AS r
-    FULL JOIN history_messages_as_of(ARRAY[%(id)s::uuid], %(at)s::timestamptz) AS m
-        ON m.id = r.id
+    FROM (SELECT DISTINCT ON (id) id, digest, fingerprint FROM verify_redis
+          ORDER BY id, ordinal) AS r
+    FULL JOIN (
+        SELECT id, session_id, created_at, role, content, tool_calls, player_id,
+               CASE WHEN tool_calls IS NULL AND isfinite(created_at) THEN sha256(convert_to(
+                  '["' || id::text
+                  || '",' || (extract(epoch FROM created_at) * 1000000)::bigint::text
+                  || ',' || to_json(role)::text
+                  || ',' || coalesce(to_json(content)::text, 'null')
+                  || ',null,' || coalesce(to_json(player_id)::text, 'null') || ']',
+                  'UTF8')) END AS fingerprint
+        FROM (
+            SELECT id, session_id, created_at, role, content, tool_calls, player_id
+            FROM client_messages
+            WHERE session_id = %(id)s::uuid AND %(at)s::timestamptz IS NULL
+            UNION ALL
+            SELECT id, session_id, created_at, role, content, tool_calls, player_id
+            FROM history_messages_as_of(ARRAY[%(id)s::uuid], %(at)s::timestamptz)
+            WHERE %(at)s::timestamptz IS NOT NULL
+        ) AS source
+    ) AS m ON m.id = r.id
+    WHERE (r.fingerprint = m.fingerprint) IS NOT TRUE
 ) TO STDOUT (FORMAT BINARY);
 
 -- name: clear_verify_redis
