@@ -233,6 +233,7 @@ class Watcher:
                 [redis.keys.drain_queued(n) for n in range(self.settings.backup_shards)]
             )
             pubsub = self._subscribe(redis)
+            reconnected = ReconnectFlag.on(pubsub)
             started_at = datetime.now(UTC)
             channel_prefix = f"__keyspace@{_db_of(redis)}__:{redis.keys.session('')}"
             sweep: Sweep | None = Sweep()  # at once: what happened while no one watched
@@ -240,6 +241,11 @@ class Watcher:
             next_flush = next_beat = 0.0
             while not self.stopping.is_set():
                 self._listen(pubsub, channel_prefix, 0.005 if sweep else 0.1)
+                if reconnected.is_set():
+                    # Subscribed again by redis-py, silently: what was published
+                    # meanwhile is lost, and a restarted Redis has forgotten
+                    # notify-keyspace-events. Start again: check it, sweep at once.
+                    raise StoreError("the subscription to keyspace notifications was lost")
                 if isinstance(pubsub, ClusterSubscription) and pubsub.resync:
                     # A primary lost or the primaries changed: what it published
                     # meanwhile is lost, so sweep now rather than at the next turn.
@@ -396,6 +402,37 @@ class Watcher:
                 task_id=task_id,
                 queue=shard_queue(self.settings, shard),
             )
+
+
+class ReconnectFlag:
+    """Set when a subscription's connection is made again after the first time.
+
+    redis-py's PubSub reconnects and subscribes again by itself when its
+    connection drops (a Redis restarted, a network cut, an output buffer limit
+    reached): no error reaches the watcher, which would go on listening to a
+    Redis that may no longer publish anything (a restart resets
+    notify-keyspace-events unless it is in redis.conf), finding changes only
+    by the sweep. The watcher starts again when this is set.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    @classmethod
+    def on(cls, pubsub: Any) -> ReconnectFlag:
+        """A flag for ``pubsub``'s connection (none for a cluster's: it has resync)."""
+        flag = cls()
+        connection = getattr(pubsub, "connection", None)
+        if connection is not None:
+            # Kept as a weak reference by redis-py: the watcher holds the flag.
+            connection.register_connect_callback(flag.connected)
+        return flag
+
+    def connected(self, _connection: Any) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
 
 
 def _db_of(redis: RedisStore) -> int:
