@@ -200,7 +200,7 @@ def test_with_notifications_off_and_config_refused_the_sweep_finds_changes(
 
 def test_a_subscription_dropped_and_notifications_forgotten_are_set_up_again(
     celery_env: dict[str, str],
-    tmp_path: Path,
+    own_redis: RedisServer,
     workers: Callable[..., CeleryProcess],
     pg_conn: psycopg.Connection[Any],
 ) -> None:
@@ -209,31 +209,27 @@ def test_a_subscription_dropped_and_notifications_forgotten_are_set_up_again(
     must notice (an error here; redis-py subscribing again by itself where its client
     retries: tests/integration/test_watch_reconnect.py), set it again and sweep, not
     listen on to nothing."""
-    server = RedisServer(tmp_path)
-    try:
-        env = _default_env(celery_env, server.url())
-        client = redis.Redis.from_url(server.url())
-        keys = RedisKeys(env["REDIS_KEY_PREFIX"])
-        sid = _new_session(client, keys)
-        worker = workers(env)
-        wait_for(lambda: _watcher_active(pg_conn), 60, message="an active watcher")
-        wait_for(lambda: _stored(pg_conn, sid) == 1, 30, message="the first backup")
+    env = _default_env(celery_env, own_redis.url())
+    client = redis.Redis.from_url(own_redis.url())
+    keys = RedisKeys(env["REDIS_KEY_PREFIX"])
+    sid = _new_session(client, keys)
+    worker = workers(env)
+    wait_for(lambda: _watcher_active(pg_conn), 60, message="an active watcher")
+    wait_for(lambda: _stored(pg_conn, sid) == 1, 30, message="the first backup")
 
-        client.config_set("notify-keyspace-events", "")
-        assert client.client_kill_filter(_type="pubsub") == 1
-        wait_for(
-            lambda: client.config_get("notify-keyspace-events")["notify-keyspace-events"] != "",
-            10, 0.1, "the watcher to set notify-keyspace-events again",
-        )  # fmt: skip
-        assert worker.log().count("this worker's watcher is the active one") >= 2
+    client.config_set("notify-keyspace-events", "")
+    assert client.client_kill_filter(_type="pubsub") == 1
+    wait_for(
+        lambda: client.config_get("notify-keyspace-events")["notify-keyspace-events"] != "",
+        10, 0.1, "the watcher to set notify-keyspace-events again",
+    )  # fmt: skip
+    assert worker.log().count("this worker's watcher is the active one") >= 2
 
-        written = time.monotonic()
-        sid = _new_session(client, keys)
-        wait_for(lambda: _stored(pg_conn, sid) == 1, 30, 0.1, "the new session's backup")
-        lag = time.monotonic() - written
-        assert lag <= DEFAULTS.continuous_max_lag_s, lag
-    finally:
-        server.stop()
+    written = time.monotonic()
+    sid = _new_session(client, keys)
+    wait_for(lambda: _stored(pg_conn, sid) == 1, 30, 0.1, "the new session's backup")
+    lag = time.monotonic() - written
+    assert lag <= DEFAULTS.continuous_max_lag_s, lag
 
 
 def test_a_worker_killed_while_continuous_backups_run_is_taken_over(
