@@ -269,3 +269,19 @@ def pg_conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A plain connection to this test's database, for assertions."""
     with contextlib.closing(psycopg.connect(database_url, autocommit=True)) as conn:
         yield conn
+
+
+@pytest.fixture(params=["backup read by the comparison", "backup staged first"])
+def verify_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a verify test down both of verify's paths to the backup's side.
+
+    Small sessions (below verify.STAGE_BACKUP_FROM messages) are compared with
+    the backup straight from its table, big ones with the backup staged first
+    while Redis is read; the tests' sessions are small, so the second
+    parametrization lowers the threshold to 0 to send them down that path too.
+    """
+    from worker import verify
+
+    if request.param == "backup staged first":
+        monkeypatch.setattr(verify, "STAGE_BACKUP_FROM", 0)
+    return str(request.param)

@@ -167,6 +167,71 @@ class MessageCopy:
 
 
 @postgres_boundary
+class VerifyStaging:
+    """One session's sides, staged for the comparison (verify_compare in sql/queries.sql).
+
+    Made by PostgresStore.verify_staging. ``add`` stages Redis's side, the
+    digests the caller computes page by page, through one COPY.
+
+    ``with_backup`` (for a big session) also stages the backup's side into
+    verify_stored, at once: ``start`` sends, in pipeline mode and without
+    waiting, the statements that empty the scratch tables and copy the
+    backup's messages there with their fingerprints, which PostgreSQL computes
+    while the caller reads and digests Redis's first page (in another process,
+    on another core); the first ``add`` waits for them. For a 10,000-message
+    session each of the two was about a fifth of the verify (docs/scaling.md).
+    A small session is compared with the backup straight from its table
+    instead: the extra statements would cost more than they hide.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
+        self._conn = conn
+        self.settings = settings
+        self._stack = contextlib.ExitStack()
+        self._copy: psycopg.Copy | None = None
+
+    def start(self, session_id: str, moment: datetime | None, *, with_backup: bool) -> None:
+        if not with_backup:
+            self._conn.execute(QUERIES["clear_verify_redis"])
+            return
+        self._stack.enter_context(self._conn.pipeline())
+        self._conn.execute(QUERIES["clear_verify_redis"])
+        self._conn.execute(QUERIES["clear_verify_stored"])
+        params = {"id": session_id, "at": moment}
+        self._conn.execute(QUERIES["stage_verify_stored"], params)
+
+    def add(self, rows: Sequence[tuple[str, int, bytes, bytes | None]]) -> None:
+        """Stage (message ID, place in Redis, digest, fingerprint) rows of Redis's side.
+
+        The message IDs are UUIDs (parse_message checked them) and the rest is
+        numbers and hex: one block of COPY text per call.
+        """
+        if not rows:
+            return
+        lines = []
+        for message_id, ordinal, digest, fingerprint in rows:
+            # COPY text: "\\x" is bytea's hex form behind COPY's escaping, "\N" NULL.
+            printed = "\\N" if fingerprint is None else "\\\\x" + fingerprint.hex()
+            lines.append(f"{message_id}\t{ordinal}\t\\\\x{digest.hex()}\t{printed}\n")
+        if self._copy is None:
+            self._stack.close()  # the pipeline, if any: wait for what start() sent
+            cursor = self._stack.enter_context(self._conn.cursor())
+            self._copy = self._stack.enter_context(cursor.copy(QUERIES["copy_verify_redis"]))
+        self._copy.write("".join(lines))
+
+    def finish(self) -> None:
+        """End the pipeline or the COPY: everything staged has reached the server."""
+        self._copy = None
+        self._stack.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """End the pipeline or the COPY after an error (a COPY is told it failed)."""
+        self._copy = None
+        with contextlib.suppress(Exception):
+            self._stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+@postgres_boundary
 class PostgresStore(HistoryQueries):
     def __init__(self, conn: psycopg.Connection[Any], settings: Settings) -> None:
         self.conn = conn
@@ -365,21 +430,23 @@ class PostgresStore(HistoryQueries):
                 self._execute("create_verify_tables", None)
             self._verify_table_ready = True
 
-    def stage_redis_digests(self, rows: Sequence[tuple[str, int, bytes, bytes | None]]) -> None:
-        """Add (message ID, place in Redis, digest, fingerprint) rows for the session verified.
+    @contextlib.contextmanager
+    def verify_staging(
+        self, session_id: str, moment: datetime | None, *, with_backup: bool
+    ) -> Iterator[VerifyStaging]:
+        """Stage one session for ``compare_staged``; see VerifyStaging.
 
-        The message IDs are UUIDs (parse_message checked them) and the rest is
-        numbers and hex: one block of COPY text, written at once.
+        ``with_backup``: also stage the backup's messages (as of ``moment``),
+        which PostgreSQL does while the caller reads Redis.
         """
-        if not rows:
-            return
-        lines = []
-        for message_id, ordinal, digest, fingerprint in rows:
-            # COPY text: "\\x" is bytea's hex form behind COPY's escaping, "\N" NULL.
-            printed = "\\N" if fingerprint is None else "\\\\x" + fingerprint.hex()
-            lines.append(f"{message_id}\t{ordinal}\t\\\\x{digest.hex()}\t{printed}\n")
-        with self.conn.cursor() as cur, cur.copy(QUERIES["copy_verify_redis"]) as copy:
-            copy.write("".join(lines))
+        staging = VerifyStaging(self.conn, self.settings)
+        staging.start(session_id, moment, with_backup=with_backup)
+        try:
+            yield staging
+        except BaseException as exc:
+            staging.abort(exc)
+            raise
+        staging.finish()
 
     def staged_duplicates(self) -> list[tuple[str, bytes]]:
         """Staged members whose ID an earlier member already had: (ID, digest)."""
@@ -388,13 +455,15 @@ class PostgresStore(HistoryQueries):
         return [(str(message_id), bytes(digest)) for message_id, digest in found]
 
     def compare_staged(
-        self, session_id: str, moment: datetime | None = None
+        self, session_id: str, moment: datetime | None, *, backup_staged: bool
     ) -> Iterator[tuple[str | None, bytes | None, MessageRow | None]]:
         """The staged Redis digests beside the stored messages, paired by ID (streamed).
 
         ``moment``: beside the messages as history holds them at that moment.
+        ``backup_staged``: as verify_staging staged them (``with_backup``).
+        Pairs whose fingerprints are equal are left out (see verify_compare).
         """
-        params = {"id": session_id, "at": moment}
+        params = {"id": session_id, "at": moment, "staged": backup_staged}
         with self.conn.cursor() as cur, cur.copy(QUERIES["verify_compare"], params) as copy:
             copy.set_types(
                 ["text", "bytea", "text", "text", "timestamptz", "text", "text", "text", "text"]
@@ -403,9 +472,6 @@ class PostgresStore(HistoryQueries):
                 redis_id, digest, *stored = record
                 row = None if stored[0] is None else cast(MessageRow, tuple(stored))
                 yield redis_id, None if digest is None else bytes(digest), row
-
-    def clear_staged(self) -> None:
-        self._execute("clear_verify_redis", None)
 
     # -- restore ------------------------------------------------------------
 

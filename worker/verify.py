@@ -51,6 +51,13 @@ EXAMPLES = 5  # message IDs listed per kind of difference
 # Up to this many messages, verify remembers a session's message IDs, to tell
 # without asking PostgreSQL that no ID is in Redis twice (memory: a few MB).
 REMEMBERED_IDS = 100_000
+# From this many messages in Redis, verify has PostgreSQL stage the backup's side
+# of a session while it reads Redis's (see PostgresStore.verify_staging); below,
+# the extra statements would cost more than they hide (measured: docs/scaling.md).
+STAGE_BACKUP_FROM = 1000
+# Redis's side is staged in slices of this many members after the first page, so
+# that PostgreSQL takes one in while the next is digested.
+STAGED_SLICE = 1000
 COMPARED_FIELDS = (
     "name",
     "creator_id",
@@ -204,8 +211,14 @@ class VerifyEngine(Engine[VerifyOptions]):
             if not probe.exists:
                 return diff
         live = _live_session(sid, probe, diff)
-        self.pg.clear_staged()
-        redis_sum = self._stage_redis_messages(sid, diff) if probe.exists else None
+        # A big session's backup side is staged while Redis's is read, unless a
+        # quick check may make it unnecessary.
+        staged = (
+            stored is not None
+            and probe.message_count >= STAGE_BACKUP_FROM
+            and not (quick and recorded is not None)
+        )
+        redis_sum = self._stage(sid, probe, diff, with_backup=staged)
         if stored is None:
             return diff
         if live is not None:
@@ -215,14 +228,14 @@ class VerifyEngine(Engine[VerifyOptions]):
             diff.messages_in_backup = recorded[0].count
             return diff
         backup_sum = self._compare_backup_messages(
-            sid, diff, MessageChecksum() if redis_sum is None else redis_sum
+            sid, diff, MessageChecksum() if redis_sum is None else redis_sum, staged=staged
         )
         if recorded is not None and recorded[0] != backup_sum:
             diff.backup_damaged = True
         return diff
 
     def _compare_backup_messages(
-        self, sid: str, diff: SessionDiff, redis_sum: MessageChecksum
+        self, sid: str, diff: SessionDiff, redis_sum: MessageChecksum, *, staged: bool
     ) -> MessageChecksum:
         """Count what differs between the backup's messages and Redis's; the backup's sum.
 
@@ -237,7 +250,10 @@ class VerifyEngine(Engine[VerifyOptions]):
         same = MessageChecksum(redis_sum.count, redis_sum.total)
         backup_sum = MessageChecksum()
         # As of a moment (a restored copy checked against history), or as stored now.
-        for redis_id, redis_digest, row in self.pg.compare_staged(sid, self.options.moment):
+        moment = self.options.moment
+        for redis_id, redis_digest, row in self.pg.compare_staged(
+            sid, moment, backup_staged=staged
+        ):
             if redis_digest is not None:
                 same.remove(int.from_bytes(redis_digest, "big"))
             if row is None:
@@ -256,25 +272,36 @@ class VerifyEngine(Engine[VerifyOptions]):
         diff.messages_in_backup = backup_sum.count
         return backup_sum
 
-    def _stage_redis_messages(self, sid: str, diff: SessionDiff) -> MessageChecksum:
-        """Stage the digests of the session's messages in Redis; their sum.
+    def _stage(
+        self, sid: str, probe: Probe, diff: SessionDiff, *, with_backup: bool
+    ) -> MessageChecksum | None:
+        """Stage the session's two sides in PostgreSQL; the sum of Redis's (None: not there).
 
-        A page at a time into PostgreSQL (see PostgresStore.stage_redis_digests).
-        Members the backup cannot store, and members after the first with the
-        same ID (the backup keeps the first), count as kept aside. PostgreSQL is
-        asked for those duplicates unless the IDs, remembered up to
-        REMEMBERED_IDS, show that there are none.
+        Redis's side a page at a time (see PostgresStore.verify_staging): the
+        digests of the messages in Redis. Members the backup cannot store, and
+        members after the first with the same ID (the backup keeps the first),
+        count as kept aside. PostgreSQL is asked for those duplicates unless
+        the IDs, remembered up to REMEMBERED_IDS, show that there are none.
         """
-        total = MessageChecksum()
-        seen: set[str] | None = set()
-        for page in self.redis.read_messages(sid, None, self.chunk):
-            staged, page_total = _digest_page(sid, page, diff, total.count)
-            self.pg.stage_redis_digests(staged)
-            total = total.merge(MessageChecksum(len(staged), page_total))
-            if seen is not None:
-                seen.update(message_id for message_id, *_rest in staged)
-                if len(seen) > REMEMBERED_IDS:
-                    seen = None
+        with self.pg.verify_staging(sid, self.options.moment, with_backup=with_backup) as staging:
+            if not probe.exists:
+                return None
+            total = MessageChecksum()
+            seen: set[str] | None = set()
+            for number, page in enumerate(self.redis.read_messages(sid, None, self.chunk)):
+                # The first page whole, while PostgreSQL stages the backup's side;
+                # then slices, each COPYed while the next one is digested.
+                step = len(page) if number == 0 else STAGED_SLICE
+                for start in range(0, len(page), step):
+                    staged, part_total = _digest_page(
+                        sid, page[start : start + step], diff, total.count
+                    )
+                    staging.add(staged)
+                    total = total.merge(MessageChecksum(len(staged), part_total))
+                    if seen is not None:
+                        seen.update(message_id for message_id, *_rest in staged)
+                        if len(seen) > REMEMBERED_IDS:
+                            seen = None
         if seen is None or len(seen) < total.count:
             for message_id, duplicate in self.pg.staged_duplicates():
                 diff.kept_aside += 1

@@ -107,6 +107,7 @@ def damage(redis_client, keys, table) -> None:
     redis_client.hset(keys.session(table["d"][0]), "deleted_at", "2026-03-01T00:00:00Z")
 
 
+@pytest.mark.usefixtures("verify_paths")  # verify as of a moment: both paths
 def test_restore_as_of_gives_the_state_then(services, redis_client, keys, table, drills):
     backup_run(services)
     at_t0 = drill(services, f"{drills}t0:")  # the latest backup, at T0

@@ -21,6 +21,9 @@ from tests.integration.helpers import backup_run, results_by_session, verify_run
 from worker import verify
 from worker.models import RunStatus, SessionStatus
 
+# Every test here down both of verify's paths to the backup's side.
+pytestmark = pytest.mark.usefixtures("verify_paths")
+
 
 def _member(msg: dict) -> bytes:
     return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
@@ -379,12 +382,12 @@ def test_stored_rows_that_match_redis_are_not_read_back(services, redis_client, 
     pg = services.pg
     pg.prepare_verify()
     with pg.transaction(read_only=True):
-        pg.clear_staged()
-        staged, _total = verify._digest_page(
-            sid, list(_members(redis_client, keys, sid)), _diff(sid), 0
-        )
-        pg.stage_redis_digests(staged)
-        back = list(pg.compare_staged(sid))
+        with pg.verify_staging(sid, None, with_backup=False) as staging:
+            staged, _total = verify._digest_page(
+                sid, list(_members(redis_client, keys, sid)), _diff(sid), 0
+            )
+            staging.add(staged)
+        back = list(pg.compare_staged(sid, None, backup_staged=False))
     assert [(redis_id, row[0]) for redis_id, _digest, row in back] == [
         (with_tools["id"], with_tools["id"])
     ]

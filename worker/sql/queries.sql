@@ -412,21 +412,62 @@ COPY (
 ) TO STDOUT (FORMAT BINARY);
 
 -- name: create_verify_tables
--- Verify's scratch table (see PostgresStore.stage_redis_digests): the digests of
--- one session's messages as read from Redis, so that they are compared with the
--- backup's inside PostgreSQL and verify's memory stays flat whatever the
--- session's size. `ordinal` is the member's place in Redis (score order): of
--- two members with one ID, the backup keeps the first. `fingerprint`: SHA-256
--- of the member's canonical form (worker/checksums.py), NULL with tool_calls.
--- No index: the queries below read it whole (a sort), and keeping an index up
--- to date cost more than the table's COPY (measured: 17 ms against 11 ms for
--- 10,000 rows).
+-- Verify's scratch tables (see PostgresStore.verify_staging), for one session at
+-- a time, so that the two sides are compared inside PostgreSQL and verify's
+-- memory stays flat whatever the session's size.
+-- verify_redis: the digests of the session's messages as read from Redis.
+-- `ordinal` is the member's place in Redis (score order): of two members with
+-- one ID, the backup keeps the first. `fingerprint`: SHA-256 of the member's
+-- canonical form (worker/checksums.py), NULL with tool_calls. No index: the
+-- queries below read it whole (a sort), and keeping an index up to date cost
+-- more than the table's COPY (measured: 17 ms against 11 ms for 10,000 rows).
 CREATE TEMPORARY TABLE IF NOT EXISTS verify_redis (
     id uuid NOT NULL,
     ordinal bigint NOT NULL,
     digest bytea NOT NULL,
     fingerprint bytea
 ) ON COMMIT DELETE ROWS;
+-- verify_stored: the backup's side of a big session, staged (stage_verify_stored)
+-- while the worker reads and digests Redis's side, so that the two run at once:
+-- client_messages' columns (names, types, NOT NULL) and the fingerprint.
+CREATE TEMPORARY TABLE IF NOT EXISTS verify_stored (
+    LIKE client_messages,
+    fingerprint bytea
+) ON COMMIT DELETE ROWS;
+-- The backup's messages of one session (with `at`: as history holds them at
+-- that moment), each with its fingerprint: built here as Python builds the
+-- canonical form of a message without tool_calls (a JSON array of its ID,
+-- created_at in epoch microseconds, role, content, null and player_id; to_json
+-- escapes as orjson does), so that equal fingerprints mean equal canonical
+-- forms, hence equal digests (canonical_fingerprint in worker/checksums.py).
+-- NULL with tool_calls: jsonb orders their keys otherwise. Of the two sources,
+-- the one not asked for stops at its one-time filter. A function in pg_temp
+-- (this connection's own, as the tables are) so that the two queries below that
+-- read it share one definition; PostgreSQL inlines it into each.
+CREATE OR REPLACE FUNCTION pg_temp.verify_backup(session uuid, at timestamptz)
+RETURNS TABLE (
+    id uuid, session_id uuid, created_at timestamptz, role text, content text,
+    tool_calls jsonb, player_id text, fingerprint bytea
+)
+LANGUAGE sql STABLE AS $$
+    SELECT id, session_id, created_at, role, content, tool_calls, player_id,
+           CASE WHEN tool_calls IS NULL AND isfinite(created_at) THEN sha256(convert_to(
+              '["' || id::text
+              || '",' || (extract(epoch FROM created_at) * 1000000)::bigint::text
+              || ',' || to_json(role)::text
+              || ',' || coalesce(to_json(content)::text, 'null')
+              || ',null,' || coalesce(to_json(player_id)::text, 'null') || ']',
+              'UTF8')) END
+    FROM (
+        SELECT m.id, m.session_id, m.created_at, m.role, m.content, m.tool_calls, m.player_id
+        FROM client_messages m
+        WHERE m.session_id = session AND at IS NULL
+        UNION ALL
+        SELECT h.id, h.session_id, h.created_at, h.role, h.content, h.tool_calls, h.player_id
+        FROM history_messages_as_of(ARRAY[session], at) h
+        WHERE at IS NOT NULL
+    ) AS source
+$$;
 
 -- name: copy_verify_redis
 COPY verify_redis (id, ordinal, digest, fingerprint) FROM STDIN;
@@ -442,16 +483,18 @@ FROM (
 WHERE nth > 1
 ORDER BY message_id;
 
+-- name: stage_verify_stored
+INSERT INTO verify_stored (id, session_id, created_at, role, content, tool_calls, player_id,
+                           fingerprint)
+SELECT * FROM pg_temp.verify_backup(%(id)s::uuid, %(at)s::timestamptz);
+
 -- name: verify_compare
 -- Every message of the session on either side, paired by ID: Redis's digest
--- (NULL: not in Redis) beside the stored row (NULLs: not in the backup); less
+-- (NULL: not in Redis) beside the stored row (NULLs: not in the backup), less
 -- the pairs whose fingerprints are equal (the same canonical form: the same
--- digest; see canonical_fingerprint in worker/checksums.py). The fingerprint
--- of a stored row is built here as Python builds the canonical form of a
--- message without tool_calls: a JSON array of its ID, created_at in epoch
--- microseconds, role, content, null and player_id. With `at`, beside the
--- session's messages as history holds them at that moment instead (COPY's
--- parameters are bound before planning: the branch not taken is not planned).
+-- digest), which need not be read back. The backup's side as stage_verify_stored
+-- staged it (`staged`), or straight from verify_backup (COPY's parameters are
+-- bound before planning: the branch not taken stops at a constant filter).
 COPY (
     SELECT r.id::text, r.digest,
            m.id::text, m.session_id::text, m.created_at, m.role, m.content,
@@ -459,31 +502,22 @@ COPY (
     FROM (SELECT DISTINCT ON (id) id, digest, fingerprint FROM verify_redis
           ORDER BY id, ordinal) AS r
     FULL JOIN (
-        SELECT id, session_id, created_at, role, content, tool_calls, player_id,
-               CASE WHEN tool_calls IS NULL AND isfinite(created_at) THEN sha256(convert_to(
-                  '["' || id::text
-                  || '",' || (extract(epoch FROM created_at) * 1000000)::bigint::text
-                  || ',' || to_json(role)::text
-                  || ',' || coalesce(to_json(content)::text, 'null')
-                  || ',null,' || coalesce(to_json(player_id)::text, 'null') || ']',
-                  'UTF8')) END AS fingerprint
-        FROM (
-            SELECT id, session_id, created_at, role, content, tool_calls, player_id
-            FROM client_messages
-            WHERE session_id = %(id)s::uuid AND %(at)s::timestamptz IS NULL
-            UNION ALL
-            SELECT id, session_id, created_at, role, content, tool_calls, player_id
-            FROM history_messages_as_of(ARRAY[%(id)s::uuid], %(at)s::timestamptz)
-            WHERE %(at)s::timestamptz IS NOT NULL
-        ) AS source
+        SELECT * FROM verify_stored WHERE %(staged)s
+        UNION ALL
+        SELECT * FROM pg_temp.verify_backup(%(id)s::uuid, %(at)s::timestamptz)
+        WHERE NOT %(staged)s
     ) AS m ON m.id = r.id
     WHERE (r.fingerprint = m.fingerprint) IS NOT TRUE
 ) TO STDOUT (FORMAT BINARY);
 
 -- name: clear_verify_redis
 -- DELETE, not TRUNCATE: verify's transaction is read-only, which allows writing
--- a temporary table's rows but not TRUNCATE.
+-- a temporary table's rows but not TRUNCATE. One statement each: they are sent
+-- in pipeline mode, which takes one statement per query.
 DELETE FROM verify_redis;
+
+-- name: clear_verify_stored
+DELETE FROM verify_stored;
 
 -- name: prune_runs
 -- Old run records go, with their per-session results (ON DELETE CASCADE).
