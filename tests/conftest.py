@@ -24,6 +24,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,6 +33,7 @@ import pytest
 import redis
 from psycopg import sql
 
+from tests.servers import RedisServer
 from worker.keys import RedisKeys
 from worker.settings import Settings
 
@@ -285,3 +287,11 @@ def verify_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "backup staged first":
         monkeypatch.setattr(verify, "STAGE_BACKUP_FROM", 0)
     return str(request.param)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port (one it may stop, kill or restart)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

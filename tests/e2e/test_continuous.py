@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,13 +33,6 @@ from worker.settings import Settings
 pytestmark = pytest.mark.timeout(240)
 
 DEFAULTS = Settings()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def _default_env(celery_env: dict[str, str], url: str) -> dict[str, str]:

@@ -9,23 +9,12 @@ starts again when its ReconnectFlag is set (worker/watch.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.servers import RedisServer
 from worker.watch import ReconnectFlag
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 def test_a_silent_resubscription_sets_the_flag(own_redis: RedisServer) -> None:
