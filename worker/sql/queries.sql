@@ -434,39 +434,52 @@ CREATE TEMPORARY TABLE IF NOT EXISTS verify_stored (
     LIKE client_messages,
     fingerprint bytea
 ) ON COMMIT DELETE ROWS;
+-- A stored message's fingerprint: built here as Python builds the canonical
+-- form of a message without tool_calls (a JSON array of its ID, created_at in
+-- epoch microseconds, role, content, null and player_id; to_json escapes as
+-- orjson does), so that equal fingerprints mean equal canonical forms, hence
+-- equal digests (canonical_fingerprint in worker/checksums.py). NULL with
+-- tool_calls: jsonb orders their keys otherwise. A SQL function: inlined into
+-- the queries that call it.
+CREATE OR REPLACE FUNCTION pg_temp.verify_fingerprint(
+    id uuid, created_at timestamptz, role text, content text, tool_calls jsonb, player_id text
+) RETURNS bytea
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN tool_calls IS NULL AND isfinite(created_at) THEN sha256(convert_to(
+        '["' || id::text
+        || '",' || (extract(epoch FROM created_at) * 1000000)::bigint::text
+        || ',' || to_json(role)::text
+        || ',' || coalesce(to_json(content)::text, 'null')
+        || ',null,' || coalesce(to_json(player_id)::text, 'null') || ']',
+        'UTF8')) END
+$$;
 -- The backup's messages of one session (with `at`: as history holds them at
--- that moment), each with its fingerprint: built here as Python builds the
--- canonical form of a message without tool_calls (a JSON array of its ID,
--- created_at in epoch microseconds, role, content, null and player_id; to_json
--- escapes as orjson does), so that equal fingerprints mean equal canonical
--- forms, hence equal digests (canonical_fingerprint in worker/checksums.py).
--- NULL with tool_calls: jsonb orders their keys otherwise. Of the two sources,
--- the one not asked for stops at its one-time filter. A function in pg_temp
--- (this connection's own, as the tables are) so that the two queries below that
--- read it share one definition; PostgreSQL inlines it into each.
+-- that moment), each with its fingerprint. PL/pgSQL, for its plan cache: each
+-- branch is planned once per connection, where a query naming both would plan
+-- the history functions for every session (0.3 to 0.5 ms, measured: a third of
+-- the verify of a small session).
 CREATE OR REPLACE FUNCTION pg_temp.verify_backup(session uuid, at timestamptz)
 RETURNS TABLE (
     id uuid, session_id uuid, created_at timestamptz, role text, content text,
     tool_calls jsonb, player_id text, fingerprint bytea
 )
-LANGUAGE sql STABLE AS $$
-    SELECT id, session_id, created_at, role, content, tool_calls, player_id,
-           CASE WHEN tool_calls IS NULL AND isfinite(created_at) THEN sha256(convert_to(
-              '["' || id::text
-              || '",' || (extract(epoch FROM created_at) * 1000000)::bigint::text
-              || ',' || to_json(role)::text
-              || ',' || coalesce(to_json(content)::text, 'null')
-              || ',null,' || coalesce(to_json(player_id)::text, 'null') || ']',
-              'UTF8')) END
-    FROM (
-        SELECT m.id, m.session_id, m.created_at, m.role, m.content, m.tool_calls, m.player_id
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF at IS NULL THEN
+        RETURN QUERY
+        SELECT m.id, m.session_id, m.created_at, m.role, m.content, m.tool_calls, m.player_id,
+               pg_temp.verify_fingerprint(m.id, m.created_at, m.role, m.content, m.tool_calls,
+                                          m.player_id)
         FROM client_messages m
-        WHERE m.session_id = session AND at IS NULL
-        UNION ALL
-        SELECT h.id, h.session_id, h.created_at, h.role, h.content, h.tool_calls, h.player_id
-        FROM history_messages_as_of(ARRAY[session], at) h
-        WHERE at IS NOT NULL
-    ) AS source
+        WHERE m.session_id = session;
+    ELSE
+        RETURN QUERY
+        SELECT h.id, h.session_id, h.created_at, h.role, h.content, h.tool_calls, h.player_id,
+               pg_temp.verify_fingerprint(h.id, h.created_at, h.role, h.content, h.tool_calls,
+                                          h.player_id)
+        FROM history_messages_as_of(ARRAY[session], at) h;
+    END IF;
+END
 $$;
 
 -- name: copy_verify_redis
@@ -494,7 +507,8 @@ SELECT * FROM pg_temp.verify_backup(%(id)s::uuid, %(at)s::timestamptz);
 -- the pairs whose fingerprints are equal (the same canonical form: the same
 -- digest), which need not be read back. The backup's side as stage_verify_stored
 -- staged it (`staged`), or straight from verify_backup (COPY's parameters are
--- bound before planning: the branch not taken stops at a constant filter).
+-- bound before planning: the branch not taken stops at a constant filter, and
+-- the function is not called).
 COPY (
     SELECT r.id::text, r.digest,
            m.id::text, m.session_id::text, m.created_at, m.role, m.content,
