@@ -652,11 +652,20 @@ SELECT count(*) AS open FROM persistence_kept_records WHERE resolved_at IS NULL;
 -- History (migrations/0010.history.sql; docs/architecture.md "History") ------
 
 -- name: last_captures
--- The highest score each session's history has seen (its last capture's).
-SELECT DISTINCT ON (session_id) session_id::text AS session_id, max_score
-FROM history_captures
-WHERE session_id = ANY(%(ids)s::uuid[])
-ORDER BY session_id, captured_at DESC;
+-- The highest score each session's history has seen (its last capture's): one
+-- backward probe of the primary key per session. Not DISTINCT ON over all the
+-- sessions' captures (its `session_id` was the text output column, so no index
+-- order either): that read and sorted every capture of each session, 8,760 a
+-- year of hourly runs: 254 ms for 20 such sessions, 2.3 s for 100, 7.2 s for
+-- 500, against 0.4, 2 and 7 ms this way (docs/scaling.md).
+SELECT i.id::text AS session_id, c.max_score
+FROM unnest(%(ids)s::uuid[]) AS i (id)
+CROSS JOIN LATERAL (
+    SELECT h.max_score FROM history_captures h
+    WHERE h.session_id = i.id
+    ORDER BY h.captured_at DESC
+    LIMIT 1
+) AS c;
 
 -- name: record_captures
 INSERT INTO history_captures (session_id, captured_at, snapshot_id, message_count, max_score,
