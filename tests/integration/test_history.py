@@ -210,6 +210,23 @@ def test_prune_folds_history_and_refuses_older_restores(
         settle_moment(services.pg, RestoreOptions(as_of=earlier))
 
 
+def test_a_fold_cut_on_a_capture_keeps_that_capture(services, redis_client, keys, table, drills):
+    """A cut that falls exactly on a session's capture: that capture is the state then."""
+    backup_run(services)
+    damage(redis_client, keys, table)
+    backup_run(services, full=True)
+    sid_b = table["b"][0]
+    query = "SELECT max(captured_at) FROM history_captures WHERE session_id = %s"
+    cut = scalar(services.pg.conn, query, sid_b)
+    drill(services, f"{drills}before:", as_of=cut.isoformat())
+    folded = services.pg.fold_history(cut)
+    assert folded["captures"] >= 1  # session b's first capture went
+    drill(services, f"{drills}after:", as_of=cut.isoformat())
+    assert dump(redis_client, f"{drills}after:") == dump(redis_client, f"{drills}before:")
+    oldest = "SELECT min(captured_at) FROM history_captures WHERE session_id = %s"
+    assert scalar(services.pg.conn, oldest, sid_b) == cut
+
+
 @pytest.mark.parametrize(
     ("as_of", "message"),
     [

@@ -863,9 +863,10 @@ ORDER BY captured_at, id;
 
 -- name: fold_history
 -- History older than `before` folds into the state at `before`: per session,
--- the last capture before it becomes the capture at `before`; what only
--- earlier moments needed goes (earlier captures, rows replaced by then, edits
--- and late marks by then, presence marks but each message's last one).
+-- the last capture at or before it becomes the capture at `before` (one exactly
+-- at the cut stays: moving an earlier one there would collide with it); what
+-- only earlier moments needed goes (earlier captures, rows replaced by then,
+-- edits and late marks by then, presence marks but each message's last one).
 -- Each DELETE also says `< before` (implied: base's captures are before it):
 -- without it the planner, which cannot estimate "before the session's base
 -- capture", takes a third of each session's history and hash-joins the whole
@@ -873,7 +874,7 @@ ORDER BY captured_at, id;
 -- both, 19.6 s; with it, index probes per session, see docs/scaling.md).
 WITH base AS (
     SELECT DISTINCT ON (session_id) session_id, captured_at FROM history_captures
-    WHERE captured_at < %(before)s
+    WHERE captured_at <= %(before)s
     ORDER BY session_id, captured_at DESC
 ),
 captures AS (
