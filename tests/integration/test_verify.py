@@ -394,7 +394,7 @@ def test_stored_rows_that_match_redis_are_not_read_back(services, redis_client, 
 
 
 def _members(redis_client, keys, sid: str):
-    return redis_client.zrange(keys.messages(sid), 0, -1, withscores=True)
+    return redis_client.zrange(keys.messages(sid), 0, -1)
 
 
 def _diff(sid: str) -> verify.SessionDiff:
