@@ -274,8 +274,9 @@ class RedisStore:
         """``read_messages`` of the whole session without the scores (verify needs none).
 
         The same pages by score, each member once, but the members' scores are
-        not sent: Redis writing 10,000 scores as text and redis-py reading them
-        back were 5 to 7 ms of a 10,000-message verify. Only each full page's
+        not sent: Redis writing scores as text and redis-py reading them back
+        cost about 7 ms per 10,000 members (ZRANGE of 10,000 members: 10.3 ms
+        with scores, 2.9 ms without). Only each full page's
         last score, which the next page starts after, is asked for, in the same
         round trip (the page's last member, with its score). If the two
         disagree (the zset changed between the two commands), the rest is read

