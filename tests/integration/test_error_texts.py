@@ -131,3 +131,21 @@ def test_a_refused_connection_says_its_first_line_without_the_password(database_
     assert 'role "no_such_role" does not exist' in text
     assert "s3cretpw" not in text
     assert text.endswith("check DATABASE_URL")
+
+
+def test_the_default_timeouts_reach_every_connection(database_url):
+    """With no timeout set, PostgreSQL gets the defaults users get.
+
+    Other tests shorten DATABASE_LOCK_TIMEOUT_MS and DATABASE_STATEMENT_TIMEOUT_MS
+    to reach the error paths quickly; this one proves that the defaults are what
+    a connection of ours runs with.
+    """
+    defaults = Settings()
+    settings = Settings.from_env({"DATABASE_URL": database_url})
+    with connect_postgres(settings) as conn:
+        shown = {
+            name: conn.execute(f"SELECT current_setting('{name}')").fetchone()[0]
+            for name in ("lock_timeout", "statement_timeout")
+        }
+    assert (defaults.lock_timeout_ms, defaults.statement_timeout_ms) == (60_000, 600_000)
+    assert shown == {"lock_timeout": "1min", "statement_timeout": "10min"}
