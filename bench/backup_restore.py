@@ -49,17 +49,22 @@ import psycopg
 import redis
 from psycopg import sql
 
-from worker import migrate
-from worker.connections import DataRedis, connect_cluster, connect_postgres, connect_redis
-from worker.errors import DndError
-from worker.keys import RedisKeys
-from worker.models import MessageRow, Session
-from worker.pg_store import PostgresStore
-from worker.records import RecordRejected, parse_message, parse_session_hash
-from worker.settings import Settings
-from worker.sql import QUERIES
-
+# The worker package of this checkout, whatever `pip install -e` points at: a bench run
+# from a second worktree (the code before a change, measured beside the code after it)
+# must time its own tree's code, which code_version() names.
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from worker import migrate  # noqa: E402
+from worker.connections import DataRedis, connect_cluster, connect_postgres, connect_redis  # noqa: E402
+from worker.errors import DndError  # noqa: E402
+from worker.keys import RedisKeys  # noqa: E402
+from worker.models import MessageRow, Session  # noqa: E402
+from worker.pg_store import PostgresStore  # noqa: E402
+from worker.records import RecordRejected, parse_message, parse_session_hash  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+from worker.sql import QUERIES  # noqa: E402
+
 RSS_LIMIT_MB = 300.0
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -314,6 +319,9 @@ def run_cli(args: list[str], env: dict[str, str], expect_messages: int) -> Phase
 
 def code_version() -> str:
     """The commit, and a digest of worker/ as it is (the tree may hold uncommitted work)."""
+    imported = Path(migrate.__file__).resolve().parent
+    if imported != REPO / "worker":
+        raise BenchError(f"the worker package timed is {imported}, not this tree's {REPO}")
     git = ["git", "describe", "--always", "--dirty"]
     commit = subprocess.run(git, cwd=REPO, capture_output=True, text=True).stdout.strip()
     digest = hashlib.sha256()
@@ -329,7 +337,6 @@ def data_redis(args: argparse.Namespace) -> Iterator[tuple[str, DataRedis, dict[
     if not args.cluster:
         yield args.redis_url, connect_redis(args.redis_url), {}
         return
-    sys.path.insert(0, str(REPO))
     from tests.cluster import redis_cluster
 
     with tempfile.TemporaryDirectory() as folder, redis_cluster(Path(folder), 3, 0) as cluster:
