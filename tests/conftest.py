@@ -273,19 +273,32 @@ def pg_conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
-@pytest.fixture(params=["backup read by the comparison", "backup staged first"])
+@pytest.fixture(
+    params=[
+        "backup read by the comparison",
+        "backup staged first",
+        "backup staged first, Redis's side not held",
+    ]
+)
 def verify_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a verify test down both of verify's paths to the backup's side.
+    """Run a verify test down each of verify's paths to the backup's side.
 
     Small sessions (below verify.STAGE_BACKUP_FROM messages) are compared with
     the backup straight from its table, big ones with the backup staged first
-    while Redis is read; the tests' sessions are small, so the second
-    parametrization lowers the threshold to 0 to send them down that path too.
+    while Redis is read; the tests' sessions are small, so the other
+    parametrizations lower the threshold to 0 to send them down that path too.
+    While the backup's side is staged, Redis's rows are held (up to
+    VerifyStaging.HOLD_WHILE_STAGING, which a test's session never reaches);
+    the last parametrization holds at most one, so that a session's rows are
+    sent as a bigger session's are once the hold is full.
     """
     from worker import verify
+    from worker.pg_store import VerifyStaging
 
-    if request.param == "backup staged first":
+    if request.param != "backup read by the comparison":
         monkeypatch.setattr(verify, "STAGE_BACKUP_FROM", 0)
+    if request.param == "backup staged first, Redis's side not held":
+        monkeypatch.setattr(VerifyStaging, "HOLD_WHILE_STAGING", 1)
     return str(request.param)
 
 

@@ -290,8 +290,8 @@ class VerifyEngine(Engine[VerifyOptions]):
             total = MessageChecksum()
             seen: set[str] | None = set()
             for number, page in enumerate(self.redis.read_members(sid, self.chunk)):
-                # The first page whole, while PostgreSQL stages the backup's side;
-                # then slices, each COPYed while the next one is digested.
+                # The first page whole; then slices, each COPYed while the next one
+                # is digested (once staging has stopped holding them: VerifyStaging).
                 step = len(page) if number == 0 else STAGED_SLICE
                 for start in range(0, len(page), step):
                     staged, part_total = _digest_page(
