@@ -243,6 +243,12 @@ def fail_batch_quietly(run_id: str, batch_no: int, error: str) -> None:
             services.pg.finish_run(run_id, error=error)
 
 
+def finish_if_complete_quietly(run_id: str) -> None:
+    """Finish the run if every session has a result (best effort, as fail_batch_quietly)."""
+    with contextlib.suppress(DndError), process.task_services("errback") as services:
+        runs.finish_if_complete(services.pg, run_id)
+
+
 # -- supervision ----------------------------------------------------------------------
 
 

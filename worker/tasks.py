@@ -272,11 +272,18 @@ def finish_run(
 
 @app.task(name="worker.tasks.fail_run")
 def fail_run(request: Any, exc: BaseException, traceback: Any, *, run_id: str) -> None:
-    """Chord error path: a batch failed for good (its task already failed its sessions)."""
-    log.warning("run %s: batch task %s failed: %s", run_id, getattr(request, "id", "?"), exc)
-    args: list[Any] = list(getattr(request, "args", None) or [])
-    batch_no = int(args[2]) if len(args) > 2 else 0
-    celery_runs.fail_batch_quietly(run_id, batch_no, celery_runs.describe_error(exc))
+    """Chord error path: a batch failed for good; finish the run if nothing else is missing.
+
+    Celery calls this in the worker where the chord's last part returned, from
+    inside that part's mark_as_failure: when the part that failed is the last
+    one, before its own on_failure (celery.app.trace.handle_failure). The
+    request is one Celery makes up from the callback and names no batch, so
+    the failed batch's sessions are failed by its task's on_failure
+    (RunTask), with its own error, which runs next in the same process; if
+    PostgreSQL cannot be reached there, the supervisor gives the batch up.
+    """
+    log.warning("run %s: a batch task failed for good: %s", run_id, exc)
+    celery_runs.finish_if_complete_quietly(run_id)
 
 
 # -- continuous protection ---------------------------------------------------------
