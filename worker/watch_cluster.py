@@ -90,6 +90,8 @@ class ClusterKeyspaceWatcher:
         self.pattern = self.channel_prefix + _glob_escape(prefix).encode() + b"*"
         self.rediscover_every_s = rediscover_every_s
         self._subscriptions: dict[str, redis.client.PubSub] = {}
+        # Each subscription's connection pool: its own, not the cluster client's.
+        self._pools: dict[str, redis.ConnectionPool] = {}
         self._next_discovery = 0.0
         self._lost: str | None = None  # a primary whose connection dropped
 
@@ -198,15 +200,32 @@ class ClusterKeyspaceWatcher:
     def _subscribe(self, name: str) -> None:
         client = self._client(name)
         _require_notifications(client, name)
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
-        pubsub.psubscribe(self.pattern)
+        # A pool of its own, with the node's settings (TLS, credentials): every
+        # refresh of the cluster client's view of the nodes (ours at each
+        # rediscovery, the application's on a redirection) marks the connections
+        # of that client's pools for reconnection, and a subscription reconnected
+        # loses what was published in between and what waited unread.
+        shared = client.connection_pool
+        pool = redis.ConnectionPool(
+            connection_class=shared.connection_class, **shared.connection_kwargs
+        )
+        pubsub = redis.Redis(connection_pool=pool).pubsub()  # type: ignore[no-untyped-call]
+        try:
+            pubsub.psubscribe(self.pattern)
+        except BaseException:
+            pool.disconnect()
+            raise
+        self._pools[name] = pool
         self._subscriptions[name] = pubsub
 
     def _drop(self, name: str) -> None:
         pubsub = self._subscriptions.pop(name, None)
-        if pubsub is not None:
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        pool = self._pools.pop(name, None)
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if pubsub is not None:
                 pubsub.close()
+            if pool is not None:
+                pool.disconnect()
 
     def _change(self, name: str, message: dict[str, object]) -> KeyChange:
         channel = message["channel"]

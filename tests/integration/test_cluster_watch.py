@@ -80,6 +80,28 @@ def test_writes_on_every_primary_are_seen(rc: Any) -> None:
     rc.delete(*wanted, "other:key")
 
 
+def test_a_refresh_of_the_cluster_view_loses_no_change(rc: Any) -> None:
+    """Changes published, then the client's view of the nodes refreshed, then read.
+
+    A refresh (the watcher's own every REDISCOVER_EVERY_S, or the application's
+    on a redirection) marks the connections of the cluster client's pools for
+    reconnection: a subscription on one of them was reconnected on its next
+    read, and what waited unread on the old connection was gone.
+    """
+    prefix = f"dndtest:{uuid.uuid4().hex[:12]}:"
+    per_node = keys_on_each_primary(rc, prefix, 1)
+    wanted = {k.encode() for keys in per_node.values() for k in keys}
+    with ClusterKeyspaceWatcher(rc, prefix) as watcher:
+        wait_listening(watcher)
+        for keys in per_node.values():
+            rc.zadd(keys[0], {b"m": 1})
+        time.sleep(0.2)  # published: waiting on the watcher's connections
+        rc.nodes_manager.initialize()
+        seen, _ = collect(watcher, wanted, timeout=10)
+    assert set(seen) == wanted
+    rc.delete(*(k.decode() for k in wanted))
+
+
 def test_after_a_failover_the_new_primary_is_heard(cluster: RedisCluster, rc: Any) -> None:
     prefix = f"dndtest:{uuid.uuid4().hex[:12]}:"
     with ClusterKeyspaceWatcher(rc, prefix) as watcher:
