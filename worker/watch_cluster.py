@@ -9,7 +9,10 @@ added or removed. The watcher asks the cluster who its primaries are
   primary up, as a replica, and its connection open: only asking tells), and
 - at once when a subscription's connection drops (a primary died),
 
-then subscribes to the new primaries and drops the old. Slot migrations need
+then subscribes to the new primaries and drops the old. Each subscription has a
+connection pool of its own: on the cluster client's, every refresh of its view
+of the nodes (ours, or the application's after a redirection) would reconnect
+it, and what was published meanwhile would be lost. Slot migrations need
 nothing: every primary is subscribed, and a migrated key shows as a change on
 both sides (``del`` on the source, ``restore`` on the target).
 
