@@ -280,7 +280,8 @@ def fail_run(request: Any, exc: BaseException, traceback: Any, *, run_id: str) -
     request is one Celery makes up from the callback and names no batch, so
     the failed batch's sessions are failed by its task's on_failure
     (RunTask), with its own error, which runs next in the same process; if
-    PostgreSQL cannot be reached there, the supervisor gives the batch up.
+    PostgreSQL cannot be reached there, the supervisor takes the batch over
+    (sends it again, and gives it up after MAX_DISPATCHES sends).
     """
     log.warning("run %s: a batch task failed for good: %s", run_id, exc)
     celery_runs.finish_if_complete_quietly(run_id)
