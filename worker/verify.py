@@ -56,8 +56,8 @@ REMEMBERED_IDS = 100_000
 # of a session while it reads Redis's (see PostgresStore.verify_staging); below,
 # the extra statements would cost more than they hide (measured: docs/scaling.md).
 STAGE_BACKUP_FROM = 1000
-# Redis's side is staged in slices of this many members after the first page, so
-# that PostgreSQL takes one in while the next is digested.
+# Redis's side is staged in slices of this many members, so that PostgreSQL takes
+# one in while the next is digested.
 STAGED_SLICE = 1000
 COMPARED_FIELDS = (
     "name",
@@ -289,13 +289,12 @@ class VerifyEngine(Engine[VerifyOptions]):
                 return None
             total = MessageChecksum()
             seen: set[str] | None = set()
-            for number, page in enumerate(self.redis.read_members(sid, self.chunk)):
-                # The first page whole; then slices, each COPYed while the next one
-                # is digested (once staging has stopped holding them: VerifyStaging).
-                step = len(page) if number == 0 else STAGED_SLICE
-                for start in range(0, len(page), step):
+            for page in self.redis.read_members(sid, self.chunk):
+                # In slices, each COPYed while the next one is digested (once
+                # staging has stopped holding them: VerifyStaging).
+                for start in range(0, len(page), STAGED_SLICE):
                     staged, part_total = _digest_page(
-                        sid, page[start : start + step], diff, total.count
+                        sid, page[start : start + STAGED_SLICE], diff, total.count
                     )
                     staging.add(staged)
                     total = total.merge(MessageChecksum(len(staged), part_total))
