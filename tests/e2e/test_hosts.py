@@ -26,6 +26,8 @@ import pytest
 from tests.e2e.conftest import wait_for, wait_for_run
 from tests.factories import make_sessions
 from tests.processes import REPO, base_env, run_python
+from worker.pg_store import PostgresStore
+from worker.settings import Settings
 
 MINUTE = 60
 SHARDS = 6
@@ -78,19 +80,19 @@ def _reported(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _begun_unfinished(conn: psycopg.Connection, shards: tuple[int, ...]) -> set[int]:
+def _begun_unfinished(
+    conn: psycopg.Connection, env: dict[str, str], shards: tuple[int, ...]
+) -> set[int]:
     """Batches of the running full run on these shards, begun and not finished."""
-    rows = conn.execute(
-        "SELECT b.batch_no FROM persistence_run_batches b "
-        "JOIN persistence_snapshots s ON s.id = b.snapshot_id "
-        "WHERE s.scope = 'all' AND s.status = 'running' AND b.shard = ANY(%s) "
-        "AND b.started_at IS NOT NULL AND EXISTS ("
-        "  SELECT 1 FROM unnest(b.session_ids) AS sid WHERE NOT EXISTS ("
-        "    SELECT 1 FROM persistence_session_results r "
-        "    WHERE r.snapshot_id = b.snapshot_id AND r.session_id = sid))",
-        (list(shards),),
-    ).fetchall()
-    return {row[0] for row in rows}
+    [run_id] = conn.execute(
+        "SELECT id::text FROM persistence_snapshots WHERE scope = 'all' AND status = 'running'"
+    ).fetchone()
+    store = PostgresStore(conn, Settings.from_env(env))
+    return {
+        batch.batch_no
+        for batch in store.unfinished_batches(run_id)
+        if batch.shard in shards and batch.started_at is not None
+    }
 
 
 def _resent_batches(conn: psycopg.Connection, run_id: str) -> set[int]:
@@ -184,7 +186,7 @@ def test_disjoint_lists_the_only_consumer_of_a_shard_dies_and_the_run_waits(
     # can write nothing more. Not from its log: it may have committed a batch
     # and died before logging "succeeded" (CI saw it: the kill comes right
     # after the first result appears, which can be the victim's own).
-    orphaned = _begun_unfinished(pg_conn, shards=(4, 5))
+    orphaned = _begun_unfinished(pg_conn, env, shards=(4, 5))
 
     # What the operator sees: the waiting CLI stops once the other shards are
     # done and nothing moves, naming the queues without a consumer and the
