@@ -223,7 +223,9 @@ print(json.dumps(full_backup.delay(full={full_scan}).get(timeout=60)))
 
 
 def test_sigkill_mid_full_backup_loses_nothing(celery_env, workers, redis_client, keys, pg_conn):
-    # Short limits so that a task taken by the killed worker comes back fast.
+    # Short limits so that a task taken by the killed worker comes back fast. The
+    # defaults' path (the 30-minute visibility timeout untouched, the batch sent
+    # again by the supervisor) is tests/e2e/test_faults.py's and test_hosts.py's.
     env = {
         **celery_env,
         "BROKER_VISIBILITY_TIMEOUT": "12",
@@ -468,6 +470,8 @@ def test_a_batch_that_fails_for_good_marks_the_run_failed(
     """
     env = {
         **celery_env,
+        # Short, to fail for good within seconds; the default timeouts reaching
+        # every connection: test_error_texts.py::test_the_default_timeouts_reach_every_connection.
         "DATABASE_LOCK_TIMEOUT_MS": "300",
         "TASK_MAX_RETRIES": "1",
         "BACKUP_BATCH_SESSIONS": "1",
